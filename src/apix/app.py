@@ -1,0 +1,107 @@
+"""The ASGI application: routers, middleware, error handlers and the resource lifespan."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import fastapi_offline
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+from apix import __version__
+from apix.config import Settings, get_settings
+from apix.core.errors import ErrorResponse
+from apix.core.handlers import install_error_handlers
+from apix.core.json import ORJSONResponse
+from apix.core.logging import configure_logging, get_logger
+from apix.core.middleware import RequestContextMiddleware
+from apix.infra.database import Database
+from apix.infra.migrate import head_revision
+from apix.infra.redis import create_redis
+from apix.system.router import router as system_router
+
+log = get_logger(__name__)
+
+# Set by `apix serve` for the node processes it starts: which servers it embedded.
+EMBEDDED_ENV = "APIX_EMBEDDED_SERVERS"
+
+_DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
+_STATIC_URL = "/api/static"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.database_url is None or settings.redis_url is None:
+            raise RuntimeError(
+                "APIX_DATABASE_URL and APIX_REDIS_URL are not set: start the node with "
+                "`apix serve`, which runs embedded servers when none are configured"
+            )
+        database = Database(settings.database_url, settings.database)
+        redis = create_redis(settings.redis_url, settings.redis)
+        app.state.database = database
+        app.state.redis = redis
+        try:
+            yield
+        finally:
+            await redis.aclose()
+            await database.dispose()
+
+    app = FastAPI(
+        title="APIX",
+        version=__version__,
+        summary="Multi-tenant, real-time-first backend for AI-agent products.",
+        openapi_url="/api/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+        default_response_class=ORJSONResponse,
+        responses={"default": {"model": ErrorResponse, "description": "Error"}},
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.started_at = time.monotonic()
+    app.state.head_revision = head_revision()
+    app.state.embedded = frozenset(filter(None, os.environ.get(EMBEDDED_ENV, "").split(",")))
+
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.server.max_body_bytes)
+    app.include_router(system_router)
+    _mount_docs(app)
+    return app
+
+
+def _mount_docs(app: FastAPI) -> None:
+    """Swagger UI and ReDoc served from an installed package: no CDN, works offline."""
+    app.mount(_STATIC_URL, StaticFiles(directory=_DOCS_ASSETS), name="docs-static")
+
+    @app.get("/api/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}/api/openapi.json",
+            title="APIX API",
+            swagger_js_url=f"{root}{_STATIC_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{_STATIC_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{_STATIC_URL}/favicon.png",
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+    @app.get("/api/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}/api/openapi.json",
+            title="APIX API",
+            redoc_js_url=f"{root}{_STATIC_URL}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{_STATIC_URL}/favicon.png",
+            with_google_fonts=False,
+        )

@@ -1,0 +1,153 @@
+"""APIX settings: one pydantic-settings root with nested sections.
+
+Every field is documented in ``docs/configuration.md`` (a test checks it). Top-level fields
+read ``APIX_<NAME>``; a section's fields read ``APIX_<SECTION>__<NAME>``.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRET = "change-me-in-production"  # noqa: S105 - the placeholder we refuse outside development
+
+
+class Environment(enum.StrEnum):
+    DEVELOPMENT = "development"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class ServerSettings(BaseModel):
+    host: str = Field("127.0.0.1", description="Address `apix serve` binds to.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port `apix serve` listens on.")
+    workers: int = Field(1, ge=1, le=64, description="Worker processes `apix serve` starts.")
+    public_url: str | None = Field(
+        None,
+        description="Base URL clients use to reach this node (e.g. behind a proxy); "
+        "defaults to the request's own URL.",
+    )
+    graceful_timeout_s: float = Field(
+        15.0, gt=0, description="Seconds in-flight requests get to finish after SIGTERM."
+    )
+    max_body_bytes: int = Field(
+        1_048_576, gt=0, description="Largest request body accepted; larger bodies get 413."
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins allowed for browsers (CORS and WebSocket upgrades); "
+        'a JSON list, e.g. `["https://app.example.com"]`. Empty: no cross-origin access.',
+    )
+
+
+class DatabaseSettings(BaseModel):
+    app_url: str | None = Field(
+        None,
+        description="URL the node's runtime queries use (the application role). "
+        "Default: `APIX_DATABASE_URL` with the user replaced by `app_role`.",
+    )
+    app_role: str = Field(
+        "apix_app",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="Application role: owns nothing, no superuser, no BYPASSRLS. "
+        "`apix migrate` creates it when the owner may create roles.",
+    )
+    app_password: SecretStr | None = Field(
+        None, description="Password set on (and used for) the application role."
+    )
+    pool_size: int = Field(10, ge=1, description="Connections kept per process and role.")
+    max_overflow: int = Field(10, ge=0, description="Extra connections allowed under load.")
+    statement_timeout_ms: int = Field(
+        30_000, ge=0, description="Server-side statement timeout for runtime queries (0: none)."
+    )
+    migrate_on_start: bool = Field(
+        True, description="Apply pending migrations when `apix serve` starts."
+    )
+
+
+class RedisSettings(BaseModel):
+    max_connections: int = Field(100, ge=1, description="Size of the Redis connection pool.")
+    socket_timeout_s: float = Field(5.0, gt=0, description="Timeout of one Redis command.")
+
+
+class LogSettings(BaseModel):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Lowest level written."
+    )
+    format: Literal["auto", "json", "console"] = Field(
+        "auto",
+        description="`json` lines, readable `console` lines, or `auto`: console on a "
+        "terminal, JSON otherwise.",
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="APIX_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+    )
+
+    env: Environment = Field(
+        Environment.DEVELOPMENT,
+        description="`development`, `test` or `production`; outside development and test "
+        "the node refuses placeholder secrets.",
+    )
+    node_id: str = Field(
+        default_factory=lambda: socket.gethostname(),
+        description="Name of this node in status, logs and the real-time gateway.",
+    )
+    data_dir: Path = Field(
+        Path(".apix"), description="Where embedded PostgreSQL and Redis keep their data."
+    )
+    database_url: str | None = Field(
+        None,
+        description="PostgreSQL URL of the schema owner (runs migrations). Unset: an "
+        "embedded PostgreSQL 16 in `data_dir`.",
+    )
+    redis_url: str | None = Field(
+        None, description="Redis URL. Unset: an embedded Redis in `data_dir`."
+    )
+    secret_key: SecretStr = Field(
+        SecretStr(PLACEHOLDER_SECRET),
+        description="Secret for signing and encrypting server-side values. Must be set "
+        "outside development.",
+    )
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @model_validator(mode="after")
+    def _no_placeholder_secrets_in_production(self) -> Settings:
+        if self.env is Environment.PRODUCTION:
+            if self.secret_key.get_secret_value() in ("", PLACEHOLDER_SECRET):
+                raise ValueError(
+                    "APIX_SECRET_KEY is unset or a placeholder; set a random value "
+                    "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
+                )
+            if len(self.secret_key.get_secret_value()) < 32:
+                raise ValueError("APIX_SECRET_KEY must be at least 32 characters")
+        return self
+
+    @property
+    def embedded_database(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def embedded_redis(self) -> bool:
+        return self.redis_url is None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment and `.env`."""
+    return Settings()

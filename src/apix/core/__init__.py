@@ -1,0 +1,1 @@
+"""Shared kernel: errors, ids, JSON and logging. Imports no domain."""

@@ -1,0 +1,157 @@
+"""Pure ASGI middleware: request ids, one access log line, body limit, last-resort 500.
+
+Kept as raw ASGI (not `BaseHTTPMiddleware`) so streaming responses and WebSockets pass
+through untouched and the per-request cost stays a few attribute lookups.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+import structlog
+from fastapi import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from apix.core.errors import TooLarge, error_content
+from apix.core.json import dumps
+from apix.core.logging import get_logger
+
+log = get_logger("apix.http")
+
+REQUEST_ID_HEADER = b"x-request-id"
+_VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class _BodyTooLarge(HTTPException):
+    """Raised from ``receive``; FastAPI re-raises HTTP exceptions met while reading a body."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body larger than {limit} bytes")
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        request_id = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        if scope["type"] == "websocket":
+            await self.app(scope, receive, send)
+            return
+
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+        header_value = request_id.encode()
+
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body_bytes:
+            await _send_error(send, 413, TooLarge.code, _too_large_message(self), header_value)
+            _access(scope, 413, started)
+            return
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyTooLarge(self.max_body_bytes)
+            return message
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (REQUEST_ID_HEADER, header_value),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, send_with_id)
+        except _BodyTooLarge:
+            status = 413
+            if not response_started:
+                await _send_error(send, 413, TooLarge.code, _too_large_message(self), header_value)
+        except Exception:
+            status = 500
+            log.exception("unhandled error", method=scope["method"], path=scope["path"])
+            if not response_started:
+                await _send_error(
+                    send,
+                    500,
+                    "internal",
+                    "internal server error",
+                    header_value,
+                    details={"request_id": request_id},
+                )
+        finally:
+            _access(scope, status, started)
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == REQUEST_ID_HEADER and _VALID_REQUEST_ID.match(value):
+            return str(value.decode())
+    return uuid.uuid4().hex
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _too_large_message(middleware: RequestContextMiddleware) -> str:
+    return f"request body larger than {middleware.max_body_bytes} bytes"
+
+
+async def _send_error(
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    request_id: bytes,
+    details: object = None,
+) -> None:
+    body = dumps(error_content(code, message, details))
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (REQUEST_ID_HEADER, request_id),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _access(scope: Scope, status: int, started: float) -> None:
+    log.info(
+        "request",
+        method=scope["method"],
+        path=scope["path"],
+        status=status,
+        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+    )

@@ -1,0 +1,1 @@
+"""Infrastructure: database engines and transactions, Redis, embedded servers, migrations."""

@@ -1,0 +1,1 @@
+"""Alembic migrations of the APIX schema (date-named revision files in `versions/`)."""

@@ -1,0 +1,1 @@
+"""The platform's own surface: API root, status, liveness and readiness."""

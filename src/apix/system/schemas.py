@@ -1,0 +1,55 @@
+"""Contracts of the API root and the status endpoints."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+
+class ApiLinks(BaseModel):
+    docs: str
+    redoc: str
+    openapi: str
+    status: str
+    websocket: str
+
+
+class ApiRoot(BaseModel):
+    name: str
+    version: str
+    links: ApiLinks
+
+
+class ComponentStatus(BaseModel):
+    ok: bool
+    embedded: bool
+    latency_ms: float | None = None
+    version: str | None = None
+    error: str | None = None
+
+
+class MigrationStatus(BaseModel):
+    current: str | None
+    head: str | None
+    up_to_date: bool
+
+
+class Status(BaseModel):
+    status: Literal["ok", "degraded"]
+    version: str
+    node_id: str
+    uptime_s: float
+    environment: str
+    postgres: ComponentStatus
+    redis: ComponentStatus
+    migrations: MigrationStatus
+
+
+class Liveness(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    reasons: list[str]

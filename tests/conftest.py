@@ -1,0 +1,153 @@
+"""Test fixtures: real PostgreSQL and Redis, one database and one Redis db per xdist worker.
+
+Servers come from ``APIX_TEST_DATABASE_URL`` / ``APIX_TEST_REDIS_URL`` when set (CI), else
+embedded ones are started for the session. Each worker's database is created fresh from the
+migrations; after every test the tables are truncated and the Redis db flushed, so tests
+pass in any order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
+
+from apix.app import create_app
+from apix.config import DatabaseSettings, Environment, LogSettings, Settings
+from apix.infra import migrate
+from apix.infra.database import Base, async_url
+from apix.infra.embedded import EmbeddedServers
+from apix.models import load_all_models
+
+
+@dataclass(frozen=True)
+class Servers:
+    database_url: str  # owner of this worker's database
+    redis_url: str  # this worker's Redis db
+
+
+def _worker_index(worker_id: str) -> int:
+    return 0 if worker_id == "master" else int(worker_id.removeprefix("gw"))
+
+
+def _redis_db_url(url: str, db: int) -> str:
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return urlunsplit(parts._replace(query=f"db={db}"))
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
+async def _recreate_database(server_url: str, name: str) -> str:
+    engine = create_async_engine(
+        async_url(server_url), poolclass=NullPool, isolation_level="AUTOCOMMIT"
+    )
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        await engine.dispose()
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Iterator[Servers]:
+    index = _worker_index(worker_id)
+    embedded = EmbeddedServers(tmp_path_factory.mktemp("servers"))
+    database_url = os.environ.get("APIX_TEST_DATABASE_URL")
+    redis_url = os.environ.get("APIX_TEST_REDIS_URL")
+    started_db, started_redis = embedded.start(
+        need_postgres=not database_url, need_redis=not redis_url
+    )
+    try:
+        server_url = database_url or started_db
+        assert server_url is not None
+        owner_url = asyncio.run(_recreate_database(server_url, f"apix_test_{index}"))
+        # The application role is cluster-wide: workers create it one at a time.
+        lock_path = tmp_path_factory.getbasetemp().parent / "apix-migrate.lock"
+        with lock_path.open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            migrate.upgrade(owner_url, DatabaseSettings())
+        base_redis = redis_url or started_redis
+        assert base_redis is not None
+        yield Servers(owner_url, _redis_db_url(base_redis, 1 + index))
+    finally:
+        embedded.stop()
+
+
+def make_settings(servers: Servers, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "env": Environment.TEST,
+        "database_url": servers.database_url,
+        "redis_url": servers.redis_url,
+        "log": LogSettings(level="INFO", format="json"),
+        "node_id": "test-node",
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def settings(servers: Servers) -> Settings:
+    return make_settings(servers)
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[object]:
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def client(app: object) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://apix.test") as http:
+        yield http
+
+
+@pytest.fixture
+async def owner_engine(servers: Servers) -> AsyncIterator[object]:
+    """An engine connected as the schema owner, for test set-up the API cannot do."""
+    engine = create_async_engine(async_url(servers.database_url), poolclass=NullPool)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+async def _clean_state(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    yield
+    if "servers" not in request.fixturenames:
+        return
+    servers: Servers = request.getfixturevalue("servers")
+    load_all_models()
+    tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    if tables:
+        engine = create_async_engine(async_url(servers.database_url), poolclass=NullPool)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+        finally:
+            await engine.dispose()
+    redis = Redis.from_url(servers.redis_url)
+    try:
+        await redis.flushdb()
+    finally:
+        await redis.aclose()
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

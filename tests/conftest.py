@@ -36,6 +36,7 @@ from apix.models import load_all_models
 class Servers:
     database_url: str  # owner of this worker's database
     redis_url: str  # this worker's Redis db
+    data_dir: Path  # signing keys and other node files
 
 
 def _worker_index(worker_id: str) -> int:
@@ -82,7 +83,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Iterato
             migrate.upgrade(owner_url, DatabaseSettings())
         base_redis = redis_url or started_redis
         assert base_redis is not None
-        yield Servers(owner_url, _redis_db_url(base_redis, 1 + index))
+        yield Servers(
+            owner_url, _redis_db_url(base_redis, 1 + index), tmp_path_factory.mktemp("data")
+        )
     finally:
         embedded.stop()
 
@@ -94,6 +97,7 @@ def make_settings(servers: Servers, **overrides: object) -> Settings:
         "redis_url": servers.redis_url,
         "log": LogSettings(level="INFO", format="json"),
         "node_id": "test-node",
+        "data_dir": servers.data_dir,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

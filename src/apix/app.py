@@ -21,6 +21,9 @@ from apix.core.handlers import install_error_handlers
 from apix.core.json import ORJSONResponse
 from apix.core.logging import configure_logging, get_logger
 from apix.core.middleware import RequestContextMiddleware
+from apix.identity import admin_router
+from apix.identity import router as identity_router
+from apix.identity.runtime import IdentityRuntime
 from apix.infra.database import Database
 from apix.infra.migrate import head_revision
 from apix.infra.redis import create_redis
@@ -50,6 +53,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redis = create_redis(settings.redis_url, settings.redis)
         app.state.database = database
         app.state.redis = redis
+        app.state.identity = identity = IdentityRuntime.create(settings, database, redis)
+        try:
+            await identity.resync()
+        except Exception:
+            # A node must still start (and report not ready) when a server is down or the
+            # schema is behind; `/readyz` says why.
+            log.warning("could not resync revocations into redis", exc_info=True)
         try:
             yield
         finally:
@@ -75,6 +85,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.server.max_body_bytes)
     app.include_router(system_router)
+    app.include_router(identity_router.router)
+    app.include_router(identity_router.keys_router)
+    app.include_router(admin_router.router)
     _mount_docs(app)
     return app
 

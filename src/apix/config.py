@@ -76,6 +76,32 @@ class RedisSettings(BaseModel):
     socket_timeout_s: float = Field(5.0, gt=0, description="Timeout of one Redis command.")
 
 
+class AuthSettings(BaseModel):
+    issuer: str = Field("apix", description="`iss` of issued tokens; verified on every token.")
+    audience: str = Field("apix", description="`aud` of issued tokens; verified on every token.")
+    access_ttl_s: int = Field(900, ge=30, description="Lifetime of an access token (seconds).")
+    refresh_ttl_s: int = Field(
+        30 * 24 * 3600, ge=60, description="Lifetime of a login session and its refresh tokens."
+    )
+    keys_dir: Path | None = Field(
+        None,
+        description="Folder of RS256 signing keys (`<kid>.pem`); the newest signs, all verify. "
+        "Default: `<data_dir>/keys`, generated on first start outside production.",
+    )
+    invitation_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="Lifetime of an invitation.")
+    login_failures_per_account: int = Field(
+        10, ge=1, description="Failed logins allowed per account per minute; then 429."
+    )
+    login_failures_per_ip: int = Field(
+        50, ge=1, description="Failed logins allowed per client IP per minute; then 429."
+    )
+    argon2_time_cost: int = Field(2, ge=2, description="argon2id iterations (OWASP minimum 2).")
+    argon2_memory_kib: int = Field(
+        19_456, ge=19_456, description="argon2id memory in KiB (OWASP minimum 19 MiB)."
+    )
+    argon2_parallelism: int = Field(1, ge=1, description="argon2id lanes.")
+
+
 class LogSettings(BaseModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Lowest level written."
@@ -124,6 +150,7 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @model_validator(mode="after")
@@ -137,6 +164,10 @@ class Settings(BaseSettings):
             if len(self.secret_key.get_secret_value()) < 32:
                 raise ValueError("APIX_SECRET_KEY must be at least 32 characters")
         return self
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.auth.keys_dir or self.data_dir / "keys"
 
     @property
     def embedded_database(self) -> bool:

@@ -16,9 +16,16 @@ class AppError(Exception):
     code: ClassVar[str] = "bad_request"
     message: str = "bad request"
 
-    def __init__(self, message: str | None = None, *, details: Any = None) -> None:
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        details: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.message = message or type(self).message
         self.details = details
+        self.headers = headers
         super().__init__(self.message)
 
 

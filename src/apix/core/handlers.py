@@ -34,7 +34,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
 async def _app_error(_request: Request, exc: AppError) -> ORJSONResponse:
     return ORJSONResponse(
-        error_content(exc.code, exc.message, exc.details), status_code=exc.status_code
+        error_content(exc.code, exc.message, exc.details),
+        status_code=exc.status_code,
+        headers=exc.headers,
     )
 
 

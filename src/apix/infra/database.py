@@ -109,7 +109,9 @@ class Database:
         await self.engine.dispose()
 
     @asynccontextmanager
-    async def transaction(self, org_id: uuid.UUID | None = None) -> AsyncIterator[UnitOfWork]:
+    async def transaction(
+        self, org_id: uuid.UUID | None = None, *, user_id: uuid.UUID | None = None
+    ) -> AsyncIterator[UnitOfWork]:
         """Open a transaction scoped to ``org_id``; commit on success, roll back on error.
 
         Services `flush()`, never `commit()`: this is the one place that commits.
@@ -118,6 +120,8 @@ class Database:
             async with session.begin():
                 if org_id is not None:
                     await set_tenant(session, org_id)
+                if user_id is not None:
+                    await set_user(session, user_id)
                 uow = UnitOfWork(session, org_id)
                 yield uow
             await uow._release()
@@ -138,6 +142,20 @@ async def set_tenant(session: AsyncSession, org_id: uuid.UUID) -> None:
     await session.execute(
         text("SELECT set_config(:name, :value, true)"),
         {"name": TENANT_SETTING, "value": str(org_id)},
+    )
+
+
+async def set_user(session: AsyncSession, user_id: uuid.UUID) -> None:
+    """Let the transaction read the user's own rows across organisations (memberships)."""
+    await session.execute(
+        text("SELECT set_config('apix.user_id', :value, true)"), {"value": str(user_id)}
+    )
+
+
+async def set_lookup(session: AsyncSession, token_hash: str) -> None:
+    """Let the transaction read the one tenant row whose ``token_hash`` this is."""
+    await session.execute(
+        text("SELECT set_config('apix.lookup_hash', :value, true)"), {"value": token_hash}
     )
 
 

@@ -25,6 +25,9 @@ from apix.infra.database import async_url, current_revision
 
 log = get_logger(__name__)
 
+# Tables the application may insert into and read, never change (the audit trail).
+APPEND_ONLY_TABLES = ("audit_log",)
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
@@ -116,6 +119,9 @@ async def _sync_app_role(owner_url: str, settings: DatabaseSettings) -> None:
                 f"REVOKE INSERT, UPDATE, DELETE ON alembic_version FROM {quoted}",
             ):
                 await conn.execute(text(statement))
+            for table in APPEND_ONLY_TABLES:
+                if (await conn.execute(text("SELECT to_regclass(:t)"), {"t": table})).scalar():
+                    await conn.execute(text(f"REVOKE UPDATE, DELETE ON {table} FROM {quoted}"))
     finally:
         await engine.dispose()
 

@@ -1,0 +1,50 @@
+"""Record audit events inside the caller's unit of work (so they commit with the change)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from apix.audit.models import AuditLog
+from apix.infra.database import UnitOfWork
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMeta:
+    """Where a call came from: recorded with every audit event."""
+
+    ip: str | None = None
+    user_agent: str | None = None
+    request_id: str | None = None
+
+
+async def record(
+    uow: UnitOfWork,
+    action: str,
+    *,
+    meta: RequestMeta,
+    org_id: uuid.UUID | None = None,
+    actor_user_id: uuid.UUID | None = None,
+    actor_api_key_id: uuid.UUID | None = None,
+    target_type: str | None = None,
+    target_id: Any = None,
+    outcome: str = "success",
+    details: dict[str, Any] | None = None,
+) -> None:
+    uow.session.add(
+        AuditLog(
+            org_id=org_id,
+            actor_user_id=actor_user_id,
+            actor_api_key_id=actor_api_key_id,
+            action=action,
+            target_type=target_type,
+            target_id=None if target_id is None else str(target_id),
+            outcome=outcome,
+            ip=meta.ip,
+            user_agent=meta.user_agent[:512] if meta.user_agent else None,
+            request_id=meta.request_id,
+            details=details or {},
+        )
+    )
+    await uow.session.flush()

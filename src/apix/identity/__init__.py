@@ -1,0 +1,1 @@
+"""Organisations, users, memberships, roles and permissions, tokens, API keys and MFA."""

@@ -1,0 +1,134 @@
+"""What identity needs at run time, built once in the lifespan: keys, hasher, limits, revocations.
+
+Revocations live in Redis so that every node sees a logout or a suspension at once, and so
+the per-request check is one round trip (`EXISTS` over the session and organisation keys).
+PostgreSQL keeps the durable record; `IdentityRuntime.resync` copies it back into Redis
+when a node starts, so a Redis restart cannot quietly revive revoked tokens.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from limits import RateLimitItemPerMinute
+from limits.aio.storage import RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from redis.asyncio import Redis
+from sqlalchemy import select
+
+from apix.config import Environment, Settings
+from apix.core.security import SecretBox
+from apix.core.time import utcnow
+from apix.identity.keys import KeyRing
+from apix.identity.models import AuthSession, Organization
+from apix.identity.passwords import Passwords
+from apix.infra.database import Database
+
+_SID_KEY = "apix:auth:revoked-sid:{}"
+_ORG_KEY = "apix:auth:suspended-org:{}"
+
+
+@dataclass
+class IdentityRuntime:
+    settings: Settings
+    database: Database
+    redis: Redis
+    keyring: KeyRing
+    passwords: Passwords
+    mfa_box: SecretBox
+    login_limiter: MovingWindowRateLimiter
+
+    @classmethod
+    def create(cls, settings: Settings, database: Database, redis: Redis) -> IdentityRuntime:
+        keyring = KeyRing(settings.keys_dir)
+        keyring.load(create_if_empty=settings.env is not Environment.PRODUCTION)
+        storage = RedisStorage(
+            "async+redis://",
+            implementation="redispy",
+            key_prefix="apix:auth:limits",
+            connection_pool=redis.connection_pool,  # type: ignore[arg-type]
+        )
+        return cls(
+            settings=settings,
+            database=database,
+            redis=redis,
+            keyring=keyring,
+            passwords=Passwords(settings.auth),
+            mfa_box=SecretBox(settings.secret_key.get_secret_value(), purpose="mfa"),
+            login_limiter=MovingWindowRateLimiter(storage),
+        )
+
+    # --- revocation -------------------------------------------------------------------
+
+    async def revoke_sessions(self, session_ids: list[uuid.UUID]) -> None:
+        if not session_ids:
+            return
+        ttl = self.settings.auth.access_ttl_s + 60
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in session_ids:
+                pipe.set(_SID_KEY.format(sid), 1, ex=ttl)
+            await pipe.execute()
+
+    async def set_suspended(self, org_id: uuid.UUID, suspended: bool) -> None:
+        if suspended:
+            await self.redis.set(_ORG_KEY.format(org_id), 1)
+        else:
+            await self.redis.delete(_ORG_KEY.format(org_id))
+
+    async def is_revoked(self, session_id: uuid.UUID | None, org_id: uuid.UUID | None) -> bool:
+        keys = []
+        if session_id is not None:
+            keys.append(_SID_KEY.format(session_id))
+        if org_id is not None:
+            keys.append(_ORG_KEY.format(org_id))
+        return bool(keys) and bool(await self.redis.exists(*keys))
+
+    async def resync(self) -> None:
+        """Copy suspended organisations and recently revoked sessions into Redis."""
+        since = datetime.fromtimestamp(
+            utcnow().timestamp() - self.settings.auth.access_ttl_s - 60, UTC
+        )
+        async with self.database.transaction() as uow:
+            suspended = (
+                await uow.session.scalars(
+                    select(Organization.id).where(Organization.is_active.is_(False))
+                )
+            ).all()
+            recent = (
+                await uow.session.scalars(
+                    select(AuthSession.id).where(AuthSession.revoked_at >= since)
+                )
+            ).all()
+        for org_id in suspended:
+            await self.set_suspended(org_id, True)
+        await self.revoke_sessions(list(recent))
+
+    # --- brute-force limits -----------------------------------------------------------
+
+    def _limits(self) -> tuple[RateLimitItemPerMinute, RateLimitItemPerMinute]:
+        auth = self.settings.auth
+        return (
+            RateLimitItemPerMinute(auth.login_failures_per_account),
+            RateLimitItemPerMinute(auth.login_failures_per_ip),
+        )
+
+    async def login_blocked_for(self, email: str, ip: str | None) -> int | None:
+        """Seconds until another login may be tried, or None when allowed."""
+        per_account, per_ip = self._limits()
+        waits = []
+        checks = [(per_account, ("account", email.lower()))]
+        if ip:
+            checks.append((per_ip, ("ip", ip)))
+        for item, key in checks:
+            if not await self.login_limiter.test(item, *key):
+                reset_at, _ = await self.login_limiter.get_window_stats(item, *key)
+                waits.append(max(1, int(reset_at - utcnow().timestamp()) + 1))
+        return max(waits) if waits else None
+
+    async def record_login_failure(self, email: str, ip: str | None) -> None:
+        per_account, per_ip = self._limits()
+        await self.login_limiter.hit(per_account, "account", email.lower())
+        if ip:
+            await self.login_limiter.hit(per_ip, "ip", ip)

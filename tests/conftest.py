@@ -155,3 +155,9 @@ async def _clean_state(request: pytest.FixtureRequest) -> AsyncIterator[None]:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def runtime(app: object) -> object:
+    """The app's identity runtime (keys, hasher, limits) for set-up the API cannot do."""
+    return app.state.identity  # type: ignore[attr-defined]

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 import uvicorn
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, SecretStr, TypeAdapter
 
 from apix import __version__
 from apix.config import Settings, get_settings
@@ -158,6 +158,86 @@ class _DatabaseUrl:
 
 def _database_url() -> _DatabaseUrl:
     return _DatabaseUrl()
+
+
+admin_cli = typer.Typer(help="Platform administration.", no_args_is_help=True)
+keys_cli = typer.Typer(help="Token signing keys (RS256).", no_args_is_help=True)
+cli.add_typer(admin_cli, name="admin")
+cli.add_typer(keys_cli, name="keys")
+
+
+@admin_cli.command("create-superadmin")
+def create_superadmin(
+    email: Annotated[str, typer.Option(help="The operator's email (login).")],
+    name: Annotated[str, typer.Option(help="Display name.")] = "Platform admin",
+    password: Annotated[
+        str,
+        typer.Option(
+            prompt=True,
+            hide_input=True,
+            confirmation_prompt=True,
+            envvar="APIX_ADMIN_PASSWORD",
+            help="Password (prompted when not given; or APIX_ADMIN_PASSWORD).",
+        ),
+    ] = "",
+) -> None:
+    """Create a SUPER_ADMIN (platform operator), or promote an existing account."""
+    import asyncio
+
+    from apix.identity.passwords import Passwords
+    from apix.identity.schemas import Password
+    from apix.identity.service import create_super_admin
+    from apix.infra.database import Database
+
+    try:
+        TypeAdapter(Password).validate_python(password)
+    except ValueError as exc:
+        typer.echo("the password must be 8 to 128 characters", err=True)
+        raise typer.Exit(2) from exc
+    settings = _settings()
+
+    async def run(url: str) -> str:
+        database = Database(url, settings.database)
+        try:
+            user_id = await create_super_admin(
+                database, Passwords(settings.auth), email=email, password=password, name=name
+            )
+        finally:
+            await database.dispose()
+        return str(user_id)
+
+    with _database_url() as url:
+        migrations.upgrade(url, settings.database)
+        typer.echo(f"SUPER_ADMIN {email} ({asyncio.run(run(url))})")
+
+
+@keys_cli.command("rotate")
+def rotate_keys(
+    prune: Annotated[bool, typer.Option(help="Delete keys whose tokens have all expired.")] = True,
+) -> None:
+    """Make a new signing key; new tokens use it, tokens of older keys stay valid until expiry."""
+    import time
+
+    from apix.identity import keys
+
+    settings = _settings()
+    key = keys.generate(settings.keys_dir)
+    typer.echo(f"new signing key {key.kid} in {settings.keys_dir}")
+    if prune:
+        cutoff = time.time() - settings.auth.access_ttl_s - 60
+        for kid in keys.prune(settings.keys_dir, keep_after=cutoff):
+            typer.echo(f"removed expired key {kid}")
+
+
+@keys_cli.command("list")
+def list_keys() -> None:
+    """List the signing keys, newest (the one that signs) first."""
+    from apix.identity.keys import KeyRing
+
+    ring = KeyRing(_settings().keys_dir)
+    ring.load(create_if_empty=False)
+    for jwk in sorted(ring.jwks()["keys"], key=lambda k: k["kid"], reverse=True):
+        typer.echo(jwk["kid"] + ("  (signing)" if jwk["kid"] == ring.current.kid else ""))
 
 
 @cli.command("config")

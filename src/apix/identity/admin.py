@@ -90,14 +90,12 @@ async def update_organization(
 
 async def list_members(rt: IdentityRuntime, principal: Principal) -> list[MemberRead]:
     async with rt.database.transaction(_org_id(principal)) as uow:
-        rows = (
-            await uow.session.execute(
-                select(Membership, User)
-                .join(User, User.id == Membership.user_id)
-                .where(Membership.org_id == principal.org_id)
-                .order_by(Membership.created_at, User.email)
-            )
-        ).tuples()
+        rows = await uow.session.execute(
+            select(Membership, User)
+            .join(User, User.id == Membership.user_id)
+            .where(Membership.org_id == principal.org_id)
+            .order_by(Membership.created_at, User.email)
+        )
         return [_member(m, u) for m, u in rows]
 
 

@@ -31,6 +31,7 @@ from apix.identity.models import (
     RefreshToken,
     User,
 )
+from apix.identity.passwords import Passwords
 from apix.identity.permissions import ROLE_PERMISSIONS, Role
 from apix.identity.principal import Principal, PrincipalKind
 from apix.identity.runtime import IdentityRuntime
@@ -49,7 +50,7 @@ from apix.identity.schemas import (
     UserRef,
 )
 from apix.identity.schemas import Membership as MembershipOut
-from apix.infra.database import UnitOfWork, set_lookup, set_tenant, set_user
+from apix.infra.database import Database, UnitOfWork, set_lookup, set_tenant, set_user
 
 API_KEY_PREFIX = "apx"
 _PROFILE_MAX_BYTES = 16_384
@@ -252,7 +253,7 @@ async def _choose_organization(
         query = query.where(Organization.slug == slug)
     if org_id is not None:
         query = query.where(Organization.id == org_id)
-    rows = (await uow.session.execute(query)).tuples().all()
+    rows = (await uow.session.execute(query)).all()
     if slug is not None or org_id is not None:
         if not rows:
             if user.is_super_admin:
@@ -450,14 +451,12 @@ async def profile(rt: IdentityRuntime, principal: Principal) -> Profile:
     user_id = _require_user(principal)
     async with rt.database.transaction(principal.org_id, user_id=user_id) as uow:
         user = await uow.session.get_one(User, user_id)
-        rows = (
-            await uow.session.execute(
-                select(Organization, Membership.role)
-                .join(Membership, Membership.org_id == Organization.id)
-                .where(Membership.user_id == user_id)
-                .order_by(Membership.created_at)
-            )
-        ).tuples()
+        rows = await uow.session.execute(
+            select(Organization, Membership.role)
+            .join(Membership, Membership.org_id == Organization.id)
+            .where(Membership.user_id == user_id)
+            .order_by(Membership.created_at)
+        )
         memberships = [
             MembershipOut(organization=OrganizationRef(id=o.id, slug=o.slug, name=o.name), role=r)
             for o, r in rows
@@ -701,3 +700,24 @@ def _require_user(principal: Principal) -> uuid.UUID:
     if principal.user_id is None:
         raise errors.InvalidToken("this operation needs a user's token, not an API key")
     return principal.user_id
+
+
+async def create_super_admin(
+    database: Database, passwords: Passwords, *, email: str, password: str, name: str
+) -> uuid.UUID:
+    """Create a platform operator (or promote an existing account); audited. For the CLI."""
+    async with database.transaction() as uow:
+        user = await _user_by_email(uow, email)
+        if user is None:
+            user = User(email=email, password_hash=await passwords.hash(password), name=name)
+            uow.session.add(user)
+        user.is_super_admin = True
+        await uow.session.flush()
+        await audit.record(
+            uow,
+            "platform.super_admin_granted",
+            meta=RequestMeta(user_agent="apix-cli"),
+            target_type="user",
+            target_id=user.id,
+        )
+        return user.id

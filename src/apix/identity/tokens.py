@@ -47,7 +47,8 @@ def issue(
     expires = now + settings.access_ttl_s
     claims = {
         "sub": str(user_id),
-        "org": str(org_id) if org_id else None,
+        # "" for a platform operator outside any organisation: `require` rejects null claims.
+        "org": str(org_id) if org_id else "",
         "role": role.value,
         "sid": str(session_id),
         "jti": uuid.uuid4().hex,

@@ -11,13 +11,17 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import socket
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
+import uvicorn
 from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -30,6 +34,7 @@ from apix.infra import migrate
 from apix.infra.database import Base, async_url
 from apix.infra.embedded import EmbeddedServers
 from apix.models import load_all_models
+from apix.realtime.transport import WS_PROTOCOL
 
 
 @dataclass(frozen=True)
@@ -161,3 +166,53 @@ def repo_root() -> Path:
 def runtime(app: object) -> object:
     """The app's identity runtime (keys, hasher, limits) for set-up the API cannot do."""
     return app.state.identity  # type: ignore[attr-defined]
+
+
+@dataclass
+class LiveServer:
+    """The app on a real socket (uvicorn, APIX's WebSocket protocol), in the test's loop."""
+
+    app: Any
+    port: int
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/api/v1/apix/ws"
+
+
+@asynccontextmanager
+async def serve_app(app: Any, settings: Settings) -> AsyncIterator[LiveServer]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        ws=WS_PROTOCOL,
+        ws_max_size=settings.realtime.max_frame_bytes,
+        ws_ping_interval=None,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=2,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield LiveServer(app, sock.getsockname()[1])
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+@pytest.fixture
+async def live(app: Any, settings: Settings) -> AsyncIterator[LiveServer]:
+    async with serve_app(app, settings) as server:
+        yield server

@@ -13,6 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.routing import WebSocketRoute
+from starlette.types import Receive, Scope, Send
 
 from apix import __version__
 from apix.config import Settings, get_settings
@@ -27,6 +29,8 @@ from apix.identity.runtime import IdentityRuntime
 from apix.infra.database import Database
 from apix.infra.migrate import head_revision
 from apix.infra.redis import create_redis
+from apix.realtime import router as realtime_router
+from apix.realtime.gateway import Gateway
 from apix.system.router import router as system_router
 
 log = get_logger(__name__)
@@ -54,15 +58,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.database = database
         app.state.redis = redis
         app.state.identity = identity = IdentityRuntime.create(settings, database, redis)
+        app.state.gateway = gateway = Gateway(settings, identity, redis)
         try:
             await identity.resync()
+            await gateway.start()
         except Exception:
             # A node must still start (and report not ready) when a server is down or the
             # schema is behind; `/readyz` says why.
-            log.warning("could not resync revocations into redis", exc_info=True)
+            log.warning("could not start every background service", exc_info=True)
         try:
             yield
         finally:
+            await gateway.stop()
             await redis.aclose()
             await database.dispose()
 
@@ -88,8 +95,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(identity_router.router)
     app.include_router(identity_router.keys_router)
     app.include_router(admin_router.router)
+    app.include_router(realtime_router.router)
+    app.router.routes.append(WebSocketRoute("/api/v1/apix/ws", _WebSocketEndpoint(app)))
     _mount_docs(app)
     return app
+
+
+class _WebSocketEndpoint:
+    """The APIX WebSocket endpoint: the node's gateway, reached once the lifespan made it."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app.state.gateway(scope, receive, send)
 
 
 def _mount_docs(app: FastAPI) -> None:

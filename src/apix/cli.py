@@ -16,6 +16,7 @@ from apix.config import Settings, get_settings
 from apix.core.logging import configure_logging, get_logger
 from apix.infra import migrate as migrations
 from apix.infra.embedded import EmbeddedServers
+from apix.realtime.transport import WS_PROTOCOL
 
 log = get_logger("apix.cli")
 
@@ -68,6 +69,10 @@ def serve(
             access_log=False,
             server_header=False,
             proxy_headers=True,
+            ws=WS_PROTOCOL,
+            ws_max_size=settings.realtime.max_frame_bytes,
+            ws_ping_interval=None,  # the protocol's own ping/pong measures and enforces liveness
+            ws_per_message_deflate=True,
         )
     except KeyboardInterrupt:
         pass

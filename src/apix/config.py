@@ -102,6 +102,27 @@ class AuthSettings(BaseModel):
     argon2_parallelism: int = Field(1, ge=1, description="argon2id lanes.")
 
 
+class RealtimeSettings(BaseModel):
+    ping_interval_ms: int = Field(25_000, ge=100, description="Server ping interval.")
+    pong_timeout_ms: int = Field(10_000, ge=100, description="No pong within this: close 4009.")
+    connect_timeout_ms: int = Field(5_000, ge=100, description="No `connect` within this: 4008.")
+    max_frame_bytes: int = Field(65_536, ge=1024, description="Largest frame; larger: 1009.")
+    send_buffer_bytes: int = Field(
+        1_048_576, ge=1024, description="Per-connection send buffer; past it: close 4011."
+    )
+    commands_per_second: int = Field(100, ge=1, description="Commands per connection per second.")
+    command_burst: int = Field(200, ge=1, description="Commands allowed in a burst.")
+    publishes_per_second: int = Field(
+        10, ge=1, description="Publishes per connection per channel per second."
+    )
+    max_subscriptions: int = Field(256, ge=1, description="Subscriptions per connection.")
+    presence_ttl_s: int = Field(60, ge=5, description="A crashed node's presence expires after.")
+    registry_flush_s: float = Field(
+        5.0, gt=0, description="How often connection records are written to PostgreSQL."
+    )
+    sse_heartbeat_s: float = Field(15.0, gt=0, description="SSE comment heartbeat interval.")
+
+
 class LogSettings(BaseModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Lowest level written."
@@ -151,6 +172,7 @@ class Settings(BaseSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    realtime: RealtimeSettings = Field(default_factory=RealtimeSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @model_validator(mode="after")

@@ -401,7 +401,7 @@ async def revoke_api_key(
 async def list_sessions(rt: IdentityRuntime, principal: Principal) -> list[SessionRead]:
     if principal.user_id is None:
         return []
-    async with rt.database.transaction(principal.org_id) as uow:
+    async with rt.database.transaction(principal.org_id, user_id=principal.user_id) as uow:
         rows = await uow.session.scalars(
             select(AuthSession)
             .where(
@@ -429,7 +429,7 @@ async def list_sessions(rt: IdentityRuntime, principal: Principal) -> list[Sessi
 async def revoke_session(
     rt: IdentityRuntime, principal: Principal, session_id: uuid.UUID, meta: RequestMeta
 ) -> None:
-    async with rt.database.transaction(principal.org_id) as uow:
+    async with rt.database.transaction(principal.org_id, user_id=principal.user_id) as uow:
         row = await uow.session.get(AuthSession, session_id)
         if row is None or row.user_id != principal.user_id:
             raise NotFound("no such session")

@@ -1,7 +1,8 @@
 """Identity tables.
 
-Platform tables (no `org_id`): organisations, users, auth sessions, refresh tokens.
-Tenant tables (`org_id` + row-level security): memberships, API keys, invitations.
+Platform tables (no `org_id`): organisations, users, refresh tokens, session revocations.
+Tenant tables (`org_id` + row-level security): memberships, API keys, invitations, and
+auth sessions (readable also by their own user, or by id while being refreshed).
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ def _created() -> Mapped[datetime]:
 
 def _org_fk() -> Mapped[uuid.UUID]:
     return mapped_column(
-        UUID(as_uuid=True), ForeignKey("organization.id", ondelete="CASCADE"), nullable=False
+        UUID(as_uuid=True),
+        ForeignKey("organization.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
     )
 
 
@@ -83,7 +87,10 @@ class Membership(Base):
     id: Mapped[uuid.UUID] = _uuid_pk()
     org_id: Mapped[uuid.UUID] = _org_fk()
     user_id: Mapped[uuid.UUID] = mapped_column(
-        UUID(as_uuid=True), ForeignKey("user_account.id", ondelete="CASCADE"), nullable=False
+        UUID(as_uuid=True),
+        ForeignKey("user_account.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
     )
     role: Mapped[str] = mapped_column(String(20), nullable=False)
     created_at: Mapped[datetime] = _created()
@@ -96,7 +103,10 @@ class AuthSession(Base):
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     user_id: Mapped[uuid.UUID] = mapped_column(
-        UUID(as_uuid=True), ForeignKey("user_account.id", ondelete="CASCADE"), nullable=False
+        UUID(as_uuid=True),
+        ForeignKey("user_account.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
     )
     org_id: Mapped[uuid.UUID | None] = mapped_column(
         UUID(as_uuid=True), ForeignKey("organization.id", ondelete="CASCADE")
@@ -115,7 +125,10 @@ class RefreshToken(Base):
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     session_id: Mapped[uuid.UUID] = mapped_column(
-        UUID(as_uuid=True), ForeignKey("auth_session.id", ondelete="CASCADE"), nullable=False
+        UUID(as_uuid=True),
+        ForeignKey("auth_session.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
     )
     token_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
     created_at: Mapped[datetime] = _created()
@@ -153,3 +166,14 @@ class Invitation(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     accepted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class SessionRevocation(Base):
+    """Revoked session ids, platform-wide: what a starting node copies back into Redis."""
+
+    __tablename__ = "session_revocation"
+
+    session_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    revoked_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, index=True
+    )

@@ -22,7 +22,7 @@ from apix.config import Environment, Settings
 from apix.core.security import SecretBox
 from apix.core.time import utcnow
 from apix.identity.keys import KeyRing
-from apix.identity.models import AuthSession, Organization
+from apix.identity.models import Organization, SessionRevocation
 from apix.identity.passwords import Passwords
 from apix.infra.database import Database
 
@@ -98,7 +98,9 @@ class IdentityRuntime:
             ).all()
             recent = (
                 await uow.session.scalars(
-                    select(AuthSession.id).where(AuthSession.revoked_at >= since)
+                    select(SessionRevocation.session_id).where(
+                        SessionRevocation.revoked_at >= since
+                    )
                 )
             ).all()
         for org_id in suspended:

@@ -26,8 +26,33 @@ def _no_nul(value: str) -> str:
     return value
 
 
+def _not_blank(value: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be blank")
+    return value
+
+
+def _no_nul_inside(value: dict[str, Any]) -> dict[str, Any]:
+    """Free-form JSON is stored as JSONB, which cannot hold NUL: refuse it anywhere inside."""
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            _no_nul(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
 Text = Annotated[str, AfterValidator(_no_nul)]
-Name = Annotated[Text, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Name = Annotated[
+    str, StringConstraints(max_length=200), AfterValidator(_no_nul), AfterValidator(_not_blank)
+]
+JsonObject = Annotated[dict[str, Any], AfterValidator(_no_nul_inside)]
 Password = Annotated[Text, StringConstraints(min_length=8, max_length=128)]
 Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")]
 Email = Annotated[EmailStr, StringConstraints(max_length=320)]
@@ -139,7 +164,7 @@ class Profile(BaseModel):
 
 class ProfileUpdate(Strict):
     name: Name | None = None
-    profile: dict[str, Any] | None = Field(
+    profile: JsonObject | None = Field(
         None, description="Free-form profile fields (avatar, timezone, locale…); 16 KiB at most."
     )
 
@@ -205,7 +230,7 @@ class OrganizationRead(BaseModel):
 class OrganizationUpdate(Strict):
     name: Name | None = None
     settings: OrganizationSettings | None = None
-    branding: dict[str, Any] | None = Field(None, description="Logo URL, colours…; 16 KiB at most.")
+    branding: JsonObject | None = Field(None, description="Logo URL, colours…; 16 KiB at most.")
     allowed_origins: list[Origin] | None = Field(None, max_length=100)
 
 

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import pyotp
 from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 
 from apix.audit import service as audit
@@ -29,6 +30,7 @@ from apix.identity.models import (
     Membership,
     Organization,
     RefreshToken,
+    SessionRevocation,
     User,
 )
 from apix.identity.passwords import Passwords
@@ -50,7 +52,14 @@ from apix.identity.schemas import (
     UserRef,
 )
 from apix.identity.schemas import Membership as MembershipOut
-from apix.infra.database import Database, UnitOfWork, set_lookup, set_tenant, set_user
+from apix.infra.database import (
+    Database,
+    UnitOfWork,
+    set_auth_session,
+    set_lookup,
+    set_tenant,
+    set_user,
+)
 
 API_KEY_PREFIX = "apx"
 _PROFILE_MAX_BYTES = 16_384
@@ -347,6 +356,7 @@ async def refresh(rt: IdentityRuntime, presented: str, meta: RequestMeta) -> Tok
         )
         if row is None:
             raise errors.InvalidToken("unknown refresh token")
+        await set_auth_session(uow.session, row.session_id)
         session = await uow.session.get_one(AuthSession, row.session_id, with_for_update=True)
         now = utcnow()
         if row.used_at is not None:
@@ -413,12 +423,20 @@ async def logout(rt: IdentityRuntime, principal: Principal, meta: RequestMeta) -
 
 
 async def _revoke(uow: UnitOfWork, session_ids: list[uuid.UUID], reason: str) -> None:
-    if session_ids:
-        await uow.session.execute(
-            update(AuthSession)
-            .where(AuthSession.id.in_(session_ids), AuthSession.revoked_at.is_(None))
-            .values(revoked_at=utcnow(), revoked_reason=reason)
-        )
+    if not session_ids:
+        return
+    now = utcnow()
+    await uow.session.execute(
+        update(AuthSession)
+        .where(AuthSession.id.in_(session_ids), AuthSession.revoked_at.is_(None))
+        .values(revoked_at=now, revoked_reason=reason)
+    )
+    # The platform-wide list a starting node copies back into Redis (no tenant data in it).
+    await uow.session.execute(
+        insert(SessionRevocation)
+        .values([{"session_id": sid, "revoked_at": now} for sid in session_ids])
+        .on_conflict_do_nothing()
+    )
 
 
 async def switch_organization(
@@ -511,7 +529,7 @@ async def change_password(
     if not await rt.passwords.verify(user.password_hash, data.current_password):
         raise errors.InvalidCredentials("the current password is not correct")
     new_hash = await rt.passwords.hash(data.new_password)
-    async with rt.database.transaction(principal.org_id) as uow:
+    async with rt.database.transaction(principal.org_id, user_id=user_id) as uow:
         user = await uow.session.get_one(User, user_id, with_for_update=True)
         user.password_hash = new_hash
         others = list(

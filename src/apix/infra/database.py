@@ -159,6 +159,13 @@ async def set_lookup(session: AsyncSession, token_hash: str) -> None:
     )
 
 
+async def set_auth_session(session: AsyncSession, session_id: uuid.UUID) -> None:
+    """Let the transaction read the one login session being refreshed."""
+    await session.execute(
+        text("SELECT set_config('apix.session_id', :value, true)"), {"value": str(session_id)}
+    )
+
+
 async def current_revision(conn: Any) -> str | None:
     exists = (await conn.execute(text("SELECT to_regclass('alembic_version')"))).scalar_one()
     if exists is None:

@@ -1,0 +1,716 @@
+"""The APIX gateway: PROTOCOL.md over WebSocket, one `ClientConnection` per socket.
+
+`Gateway` is per node (created in the lifespan): broker, hub, presence and registry, and the
+connections this node holds. The WebSocket endpoint is a plain ASGI app, so frames go to
+the server with no framework wrapper in between; each connection has one reader loop (the
+endpoint), one writer task (its send queue) and timers for heartbeat and token expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+import uuid
+import weakref
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from limits import RateLimitItemPerSecond
+from limits.storage import MemoryStorage
+from limits.strategies import FixedWindowRateLimiter
+from pydantic import TypeAdapter, ValidationError
+from redis.asyncio import Redis
+from starlette.types import Message, Receive, Scope, Send
+
+from apix.config import Settings
+from apix.core.errors import (
+    AppError,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    Unauthorized,
+)
+from apix.core.json import dumps
+from apix.core.logging import get_logger
+from apix.identity import errors as identity_errors
+from apix.identity import service as identity
+from apix.identity.models import Organization
+from apix.identity.principal import Principal
+from apix.identity.runtime import IdentityRuntime
+from apix.realtime import channels as channel_registry
+from apix.realtime import service
+from apix.realtime.broker import Broker, Snapshot, StoredEvent, event_frame
+from apix.realtime.channels import ChannelRef
+from apix.realtime.connection import SendQueue, run_writer
+from apix.realtime.hub import Hub, Subscription, compile_filter
+from apix.realtime.presence import Presence
+from apix.realtime.registry import CONTROL_CHANNEL, ConnectionRecord, Registry
+from apix.realtime.schemas import (
+    COMMAND_OPS,
+    Command,
+    ConnectCommand,
+    HistoryCommand,
+    PingCommand,
+    PongCommand,
+    Position,
+    PresenceCommand,
+    PublishCommand,
+    RefreshCommand,
+    SubscribeCommand,
+    UnsubscribeCommand,
+)
+
+log = get_logger(__name__)
+
+SUBPROTOCOL = "apix.v1"
+_commands = TypeAdapter(Command)
+
+# Close codes (PROTOCOL.md section 9).
+PROTOCOL_ERROR = 4000
+UNAUTHORIZED = 4001
+TOKEN_EXPIRED = 4003
+CONNECT_TIMEOUT = 4008
+HEARTBEAT_TIMEOUT = 4009
+KICKED = 4010
+SLOW_CONSUMER = 4011
+RATE_LIMITED = 4029
+SHUTTING_DOWN = 4500
+TOO_LARGE = 1009
+
+# Gateways alive in this process, so the server can close their sockets with 4500 first.
+ACTIVE: weakref.WeakSet[Gateway] = weakref.WeakSet()
+
+
+class Gateway:
+    def __init__(self, settings: Settings, identity_runtime: IdentityRuntime, redis: Redis) -> None:
+        self.settings = settings
+        self.config = settings.realtime
+        self.identity = identity_runtime
+        self.redis = redis
+        self.node = settings.node_id
+        self.broker = Broker(redis, source=f"apix-node:{self.node}")
+        self.hub = Hub(redis)
+        self.presence = Presence(redis, ttl_s=self.config.presence_ttl_s, source=self.broker.source)
+        self.registry = Registry(
+            redis, identity_runtime.database, node=self.node, flush_s=self.config.registry_flush_s
+        )
+        self.connections: dict[str, ClientConnection] = {}
+        self.limiter = FixedWindowRateLimiter(MemoryStorage())
+        self._tasks: list[asyncio.Task[None]] = []
+        self.closing = False
+
+    async def start(self) -> None:
+        await self.hub.start()
+        self.hub.on_control(CONTROL_CHANNEL, self._control)
+        await self.hub.listen(CONTROL_CHANNEL)
+        await self.registry.start()
+        self._tasks.append(asyncio.create_task(self._presence_loop(), name="apix-presence"))
+        ACTIVE.add(self)
+
+    async def stop(self) -> None:
+        await self.shutdown_connections()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.registry.stop()
+        await self.hub.stop()
+        ACTIVE.discard(self)
+
+    async def shutdown_connections(self, code: int = SHUTTING_DOWN) -> None:
+        """Tell every client to go elsewhere (4500), then wait briefly for them to leave."""
+        self.closing = True
+        connections = list(self.connections.values())
+        for connection in connections:
+            connection.close(code, "node shutting down")
+        if connections:
+            await asyncio.wait(
+                [asyncio.ensure_future(c.finished.wait()) for c in connections], timeout=5
+            )
+
+    def _control(self, message: dict[str, Any]) -> None:
+        connection = self.connections.get(str(message.get("kick")))
+        if connection is not None:
+            connection.close(int(message.get("code", KICKED)), "disconnected by an administrator")
+
+    async def _presence_loop(self) -> None:
+        interval = max(1.0, self.config.presence_ttl_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            entries = [
+                (sub.channel, connection.id)
+                for connection in self.connections.values()
+                for sub in connection.subscriptions.values()
+                if sub.presence
+            ]
+            try:
+                await self.presence.refresh(entries)
+            except Exception:
+                log.exception("presence refresh failed")
+
+    async def attach(
+        self, sub: Subscription, *, since: Position | None, last: int
+    ) -> tuple[Snapshot, bool, list[StoredEvent]]:
+        """Register ``sub`` (buffering), then read what it must replay.
+
+        The caller sends the replay and calls `Hub.go_live` without awaiting in between,
+        so replay and live events meet in offset order.
+        """
+        await self.hub.add(sub)
+        try:
+            snapshot = await self.broker.read(
+                sub.channel,
+                after=since.offset if since else None,
+                last=None if since else last,
+            )
+        except BaseException:
+            await self.hub.remove(sub)
+            raise
+        recovered = since is None or snapshot.covers(since.offset, since.epoch)
+        replay = [e for e in snapshot.events if sub.wants(e.type)] if recovered else []
+        sub.last_offset = (
+            snapshot.events[-1].offset if recovered and snapshot.events else snapshot.last_offset
+        )
+        return snapshot, recovered, replay
+
+    def allows_origin(self, origin: str | None) -> bool:
+        allowed = self.settings.server.allowed_origins
+        return origin is None or not allowed or "*" in allowed or origin in allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI WebSocket endpoint."""
+        headers = dict(scope.get("headers", []))
+        origin = headers.get(b"origin", b"").decode() or None
+        if self.closing or not self.allows_origin(origin):
+            await receive()  # websocket.connect
+            # Closing before accepting makes the server answer the upgrade with HTTP 403.
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        connection = ClientConnection(self, scope, receive, send, origin)
+        await connection.run()
+
+
+class ClientConnection:
+    def __init__(
+        self, gateway: Gateway, scope: Scope, receive: Receive, send: Send, origin: str | None
+    ) -> None:
+        self.gateway = gateway
+        self.config = gateway.config
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        self.origin = origin
+        self.id = f"conn_{secrets.token_hex(12)}"
+        self.principal: Principal | None = None
+        self.record: ConnectionRecord | None = None
+        self.subscriptions: dict[str, Subscription] = {}
+        self.queue = SendQueue(self.config.send_buffer_bytes, self._overflow)
+        self._writer: asyncio.Task[None] | None = None
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._ping_ts: int | None = None
+        self._ping_sent = 0.0
+        self._bad_frames = 0
+        self._closed = asyncio.Event()
+        self.finished = asyncio.Event()
+        self._closing: asyncio.Future[None] | None = None
+        self.close_code: int | None = None
+        self._limited_in_a_row = 0
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        message = await self._receive()
+        if message["type"] != "websocket.connect":
+            return
+        offered = self.scope.get("subprotocols") or []
+        accept: dict[str, Any] = {"type": "websocket.accept"}
+        if SUBPROTOCOL in offered:
+            accept["subprotocol"] = SUBPROTOCOL
+        await self._send(accept)
+        self._writer = asyncio.create_task(run_writer(self.queue, self._send_text))
+        loop = asyncio.get_running_loop()
+        self._timers["connect"] = loop.call_later(
+            self.config.connect_timeout_ms / 1000,
+            self.close,
+            CONNECT_TIMEOUT,
+            "no connect in time",
+        )
+        try:
+            await self._read_loop()
+        finally:
+            await self._cleanup()
+            self.finished.set()
+
+    async def _read_loop(self) -> None:
+        receive = self._receive
+        closed = self._closed
+        while not closed.is_set():
+            receiving = asyncio.ensure_future(receive())
+            closing = asyncio.ensure_future(closed.wait())
+            done, _ = await asyncio.wait({receiving, closing}, return_when=asyncio.FIRST_COMPLETED)
+            if receiving not in done:
+                receiving.cancel()
+                return
+            closing.cancel()
+            message = receiving.result()
+            if message["type"] == "websocket.disconnect":
+                self.close_code = self.close_code or message.get("code", 1000)
+                closed.set()
+                return
+            await self._handle(message)
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Close with ``code`` (idempotent); pending frames are dropped."""
+        if self._closed.is_set():
+            return
+        self.close_code = code
+        self._closed.set()
+        for timer in self._timers.values():
+            timer.cancel()
+        self.queue.close()
+        if self._writer is not None:
+            self._writer.cancel()
+        self._closing = asyncio.ensure_future(self._send_close(code, reason))
+
+    async def _send_close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await self._send({"type": "websocket.close", "code": code, "reason": reason[:120]})
+
+    async def _send_text(self, frame: str) -> None:
+        await self._send({"type": "websocket.send", "text": frame})
+
+    def _overflow(self) -> None:
+        self.close(SLOW_CONSUMER, "slow consumer")
+
+    async def _cleanup(self) -> None:
+        self.close(self.close_code or 1000)
+        gateway = self.gateway
+        gateway.connections.pop(self.id, None)
+        for sub in list(self.subscriptions.values()):
+            await self._drop_subscription(sub, announce=False)
+        if self.record is not None and self.principal is not None:
+            with contextlib.suppress(Exception):
+                await gateway.registry.disconnected(self.record, self.close_code or 1000)
+                await self._monitor(
+                    "connection.disconnected",
+                    {"connection_id": self.id, "code": self.close_code or 1000},
+                )
+
+    # --- frames -------------------------------------------------------------------------
+
+    async def _handle(self, message: Message) -> None:
+        text = message.get("text")
+        if text is None:
+            await self._protocol_error(None, "frames must be UTF-8 JSON text")
+            return
+        if len(text) > self.config.max_frame_bytes:
+            self.close(TOO_LARGE, "frame too large")
+            return
+        try:
+            frame = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            await self._protocol_error(None, "frame is not valid JSON")
+            return
+        if not isinstance(frame, dict):
+            await self._protocol_error(None, "frame must be a JSON object")
+            return
+        command_id = frame.get("id")
+        if not isinstance(command_id, int | str) or isinstance(command_id, bool):
+            command_id = None
+        op = frame.get("op")
+        if op not in COMMAND_OPS:
+            await self._protocol_error(command_id, f"unknown op {op!r}")
+            return
+        self._bad_frames = 0
+        if self.principal is None and op != "connect":
+            self._error(command_id, "unauthorized", "the first command must be connect")
+            self.close(UNAUTHORIZED, "unauthorized")
+            return
+        if self.principal is not None and not self._admit(command_id):
+            return
+        try:
+            command = _commands.validate_python(frame)
+        except ValidationError as exc:
+            self._error(command_id, "bad_request", _describe(exc))
+            return
+        try:
+            await self._dispatch(command)
+        except AppError as exc:
+            self._error(command_id, _protocol_code(exc), exc.message)
+        except Exception:
+            log.exception("gateway: command failed", op=op, connection_id=self.id)
+            self._error(command_id, "internal", "internal error")
+
+    async def _protocol_error(self, command_id: int | str | None, message: str) -> None:
+        self._error(command_id, "bad_request", message)
+        self._bad_frames += 1
+        if self._bad_frames >= 3:
+            self.close(PROTOCOL_ERROR, "protocol error")
+
+    def _admit(self, command_id: int | str | None) -> bool:
+        """Commands per connection: `commands_per_second`, bursts up to `command_burst`."""
+        config = self.config
+        burst = RateLimitItemPerSecond(config.command_burst, 2)
+        steady = RateLimitItemPerSecond(config.commands_per_second * 2, 2)
+        limiter = self.gateway.limiter
+        if limiter.hit(burst, self.id, "b") and limiter.hit(steady, self.id, "s"):
+            self._limited_in_a_row = 0
+            return True
+        self._limited_in_a_row += 1
+        self._error(command_id, "rate_limited", "too many commands; slow down")
+        if self._limited_in_a_row >= config.command_burst:
+            self.close(RATE_LIMITED, "rate limited")
+        return False
+
+    def _reply(self, command_id: int | str | None, result: dict[str, Any]) -> None:
+        if command_id is not None:
+            self.queue.push_unbounded(
+                dumps({"op": "reply", "id": command_id, "ok": True, "result": result}).decode()
+            )
+
+    def _error(self, command_id: int | str | None, code: str, message: str) -> None:
+        frame: dict[str, Any] = {
+            "op": "reply",
+            "ok": False,
+            "error": {"code": code, "message": message},
+        }
+        if command_id is not None:
+            frame["id"] = command_id
+        self.queue.push_unbounded(dumps(frame).decode())
+
+    # --- commands -----------------------------------------------------------------------
+
+    async def _dispatch(self, command: Command) -> None:
+        match command:
+            case ConnectCommand():
+                await self._connect(command)
+            case SubscribeCommand():
+                await self._subscribe(command)
+            case UnsubscribeCommand():
+                await self._unsubscribe(command)
+            case PublishCommand():
+                await self._publish(command)
+            case HistoryCommand():
+                await self._history(command)
+            case PresenceCommand():
+                await self._presence(command)
+            case RefreshCommand():
+                await self._refresh(command)
+            case PingCommand():
+                self._reply(command.id, {"ts": int(time.time() * 1000)})
+            case PongCommand():
+                self._pong(command.ts)
+
+    async def _connect(self, command: ConnectCommand) -> None:
+        if self.principal is not None:
+            raise BadRequest("already connected")
+        self._timers.pop("connect").cancel()
+        try:
+            principal = await identity.authenticate(self.gateway.identity, command.token)
+        except identity_errors.TokenExpired:
+            self._error(command.id, "token_expired", "the token has expired")
+            self.close(UNAUTHORIZED, "token expired")
+            return
+        except AppError as exc:
+            self._error(command.id, "unauthorized", exc.message)
+            self.close(UNAUTHORIZED, "unauthorized")
+            return
+        if principal.org_id is None:
+            self._error(command.id, "forbidden", "switch to an organization to connect")
+            self.close(UNAUTHORIZED, "forbidden")
+            return
+        if self.origin is not None and not await self._org_allows_origin(principal.org_id):
+            self._error(command.id, "forbidden", "origin not allowed for this organization")
+            self.close(UNAUTHORIZED, "forbidden")
+            return
+        self.principal = principal
+        gateway = self.gateway
+        now = datetime.now(UTC)
+        self.record = ConnectionRecord(
+            id=self.id,
+            org_id=principal.org_id,
+            user_id=principal.user_id,
+            api_key_id=principal.api_key_id,
+            client_type=command.client.type,
+            client_name=command.client.name,
+            client_version=command.client.version,
+            node=gateway.node,
+            connected_at=now,
+            last_heartbeat_at=now,
+            metadata={"origin": self.origin} if self.origin else {},
+        )
+        gateway.connections[self.id] = self
+        await gateway.registry.connected(self.record)
+        self._schedule_ping()
+        self._schedule_expiry()
+        self._reply(
+            command.id,
+            {
+                "type": "connection.established",
+                "connection_id": self.id,
+                "session": self.id,
+                "org_id": str(principal.org_id),
+                "user_id": str(principal.user_id) if principal.user_id else None,
+                "node": gateway.node,
+                "ping_interval_ms": self.config.ping_interval_ms,
+                "token_expires_at": principal.token_expires_at,
+                "resumed": False,
+                "subscriptions": [],
+            },
+        )
+        await self._monitor(
+            "connection.established",
+            {
+                "connection_id": self.id,
+                "user_id": str(principal.user_id) if principal.user_id else None,
+                "client_type": command.client.type,
+                "node": gateway.node,
+            },
+        )
+
+    async def _org_allows_origin(self, org_id: uuid.UUID) -> bool:
+        async with self.gateway.identity.database.transaction(org_id) as uow:
+            org = await uow.session.get(Organization, org_id)
+        allowed = org.allowed_origins if org is not None else []
+        return not allowed or self.origin in allowed
+
+    def _channel(self, name: str) -> ChannelRef:
+        assert self.principal is not None  # noqa: S101 - commands run after connect
+        return channel_registry.parse(name, self.principal)
+
+    async def _subscribe(self, command: SubscribeCommand) -> None:
+        principal = self.principal
+        assert principal is not None  # noqa: S101
+        channel = self._channel(command.channel)
+        channel_registry.check_subscribe(principal, channel)
+        if channel.name in self.subscriptions:
+            raise Conflict(f"already subscribed to {channel.name}")
+        if len(self.subscriptions) >= self.config.max_subscriptions:
+            raise RateLimited("too many subscriptions on this connection")
+        sub = Subscription(
+            connection_id=self.id,
+            channel=channel,
+            outbox=self.queue,
+            types=compile_filter(command.filter.types if command.filter else None),
+            presence=command.presence,
+        )
+        self.subscriptions[channel.name] = sub
+        gateway = self.gateway
+        try:
+            snapshot, recovered, replay = await gateway.attach(
+                sub, since=command.since, last=command.last
+            )
+        except BaseException:
+            self.subscriptions.pop(channel.name, None)
+            raise
+        # From here to go_live nothing awaits: the replay and the live events buffered
+        # meanwhile are merged in offset order before any later event is dispatched.
+        self._reply(
+            command.id,
+            {
+                "type": "subscription.added",
+                "channel": channel.name,
+                "position": {"offset": snapshot.last_offset, "epoch": snapshot.epoch},
+                "recovered": recovered,
+                "replayed": len(replay),
+            },
+        )
+        for event in replay:
+            self.queue.push_unbounded(
+                event_frame(channel.name, event.offset, snapshot.epoch, event.payload)
+            )
+        gateway.hub.go_live(sub, after=sub.last_offset)
+        assert self.record is not None  # noqa: S101
+        self.record.channels = sorted(self.subscriptions)
+        gateway.registry.touched(self.record)
+        await gateway.registry.subscribed(channel, self.id, True)
+        if command.presence:
+            await gateway.presence.join(channel, self._member(), snapshot.epoch)
+        await self._monitor(
+            "subscription.added", {"connection_id": self.id, "channel": channel.name}
+        )
+
+    async def _unsubscribe(self, command: UnsubscribeCommand) -> None:
+        channel = self._channel(command.channel)
+        sub = self.subscriptions.get(channel.name)
+        if sub is None:
+            raise NotFound(f"not subscribed to {channel.name}")
+        await self._drop_subscription(sub, announce=True)
+        self._reply(command.id, {"type": "subscription.removed", "channel": channel.name})
+
+    async def _drop_subscription(self, sub: Subscription, *, announce: bool) -> None:
+        gateway = self.gateway
+        self.subscriptions.pop(sub.channel.name, None)
+        with contextlib.suppress(Exception):
+            await gateway.hub.remove(sub)
+            await gateway.registry.subscribed(sub.channel, self.id, False)
+            if sub.presence:
+                epoch = await gateway.broker.epoch(sub.channel)
+                await gateway.presence.leave(sub.channel, self._member(), epoch)
+            if self.record is not None:
+                self.record.channels = sorted(self.subscriptions)
+                gateway.registry.touched(self.record)
+            await self._monitor(
+                "subscription.removed", {"connection_id": self.id, "channel": sub.channel.name}
+            )
+
+    async def _publish(self, command: PublishCommand) -> None:
+        principal = self.principal
+        assert principal is not None  # noqa: S101
+        channel = self._channel(command.channel)
+        channel_registry.check_publish(principal, channel)
+        item = RateLimitItemPerSecond(self.config.publishes_per_second)
+        if not self.gateway.limiter.hit(item, self.id, "p", channel.name):
+            raise RateLimited("too many publishes on this channel; slow down")
+        result = await service.publish(
+            self.gateway.broker, principal, channel, command.type, command.data
+        )
+        self._reply(command.id, result)
+
+    async def _history(self, command: HistoryCommand) -> None:
+        principal = self.principal
+        assert principal is not None  # noqa: S101
+        channel = self._channel(command.channel)
+        channel_registry.check_subscribe(principal, channel)
+        result = await service.history(
+            self.gateway.broker,
+            channel,
+            since=command.since.offset if command.since else None,
+            limit=command.limit,
+            reverse=command.reverse,
+        )
+        self._reply(command.id, result)
+
+    async def _presence(self, command: PresenceCommand) -> None:
+        principal = self.principal
+        assert principal is not None  # noqa: S101
+        channel = self._channel(command.channel)
+        channel_registry.check_subscribe(principal, channel)
+        self._reply(command.id, {"clients": await self.gateway.presence.members(channel)})
+
+    async def _refresh(self, command: RefreshCommand) -> None:
+        principal = self.principal
+        assert principal is not None  # noqa: S101
+        try:
+            fresh = await identity.authenticate(self.gateway.identity, command.token)
+        except identity_errors.TokenExpired:
+            raise identity_errors.TokenExpired("the new token has expired") from None
+        except AppError as exc:
+            raise Unauthorized(exc.message) from None
+        same = (fresh.user_id, fresh.api_key_id, fresh.org_id) == (
+            principal.user_id,
+            principal.api_key_id,
+            principal.org_id,
+        )
+        if not same:
+            raise Forbidden("a refresh token must be for the same principal")
+        self.principal = fresh
+        self._schedule_expiry()
+        self._reply(command.id, {"token_expires_at": fresh.token_expires_at})
+
+    # --- heartbeat and expiry -------------------------------------------------------------
+
+    def _schedule_ping(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timers["ping"] = loop.call_later(self.config.ping_interval_ms / 1000, self._ping)
+
+    def _ping(self) -> None:
+        ts = int(time.time() * 1000)
+        self._ping_ts = ts
+        self._ping_sent = time.monotonic()
+        self.queue.push_unbounded(f'{{"op":"ping","ts":{ts}}}')
+        loop = asyncio.get_running_loop()
+        self._timers["pong"] = loop.call_later(
+            self.config.pong_timeout_ms / 1000, self.close, HEARTBEAT_TIMEOUT, "heartbeat timeout"
+        )
+
+    def _pong(self, ts: int) -> None:
+        if self._ping_ts is None or ts != self._ping_ts:
+            return
+        self._ping_ts = None
+        self._timers.pop("pong").cancel()
+        if self.record is not None:
+            self.record.rtt_ms = round((time.monotonic() - self._ping_sent) * 1000, 3)
+            self.record.last_heartbeat_at = datetime.now(UTC)
+            self.gateway.registry.touched(self.record)
+        self._schedule_ping()
+
+    def _schedule_expiry(self) -> None:
+        assert self.principal is not None  # noqa: S101
+        if "expiry" in self._timers:
+            self._timers.pop("expiry").cancel()
+        expires = self.principal.token_expires_at
+        if expires is None:
+            return
+        delay = max(0.0, expires / 1000 - time.time())
+        loop = asyncio.get_running_loop()
+        self._timers["expiry"] = loop.call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        # Bypass the queue's order: the client must see why it is being closed.
+        frame = '{"op":"disconnect","code":4003,"reason":"token expired","reconnect":true}'
+        self._closed.set()
+        self._closing = asyncio.ensure_future(
+            self._send_then_close(frame, TOKEN_EXPIRED, "token expired")
+        )
+
+    async def _send_then_close(self, frame: str, code: int, reason: str) -> None:
+        self.close_code = code
+        for timer in self._timers.values():
+            timer.cancel()
+        self.queue.close()
+        if self._writer is not None:
+            self._writer.cancel()
+        with contextlib.suppress(Exception):
+            await self._send_text(frame)
+        await self._send_close(code, reason)
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _member(self) -> dict[str, Any]:
+        principal = self.principal
+        assert principal is not None  # noqa: S101
+        assert self.record is not None  # noqa: S101
+        return {
+            "connection_id": self.id,
+            "user_id": str(principal.user_id) if principal.user_id else None,
+            "client_type": self.record.client_type,
+            "info": {"name": self.record.client_name} if self.record.client_name else {},
+        }
+
+    async def _monitor(self, event_type: str, data: dict[str, Any]) -> None:
+        principal = self.principal
+        if principal is None:
+            return
+        with contextlib.suppress(Exception):
+            channel = channel_registry.parse("monitor", principal)
+            await self.gateway.broker.publish(channel, event_type, data)
+
+
+def _describe(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"][1:]) or "frame"
+    return f"{where}: {first['msg']}"
+
+
+def _protocol_code(exc: AppError) -> str:
+    return {
+        "unauthorized": "unauthorized",
+        "invalid_token": "unauthorized",
+        "token_expired": "token_expired",
+        "forbidden": "forbidden",
+        "not_found": "not_found",
+        "rate_limited": "rate_limited",
+        "too_large": "too_large",
+        "conflict": "conflict",
+        "unrecoverable": "unrecoverable",
+    }.get(exc.code, "bad_request" if exc.status_code < 500 else "internal")
+
+
+Endpoint = Callable[[Scope, Receive, Send], Awaitable[None]]

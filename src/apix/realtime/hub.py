@@ -1,0 +1,213 @@
+"""The hub: this node's channel → local subscribers map, fed by one Redis subscription per
+channel however many local subscribers it has.
+
+Each announced event is turned into its frame once per node; the same string object is
+queued for every local subscriber (no per-subscriber encoding, no task per delivery).
+A subscriber that is still replaying history buffers live events, which are merged by
+offset when the replay ends: no gap, no duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import re
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from apix.core.json import loads
+from apix.core.logging import get_logger
+from apix.realtime.broker import event_frame, offset_key
+from apix.realtime.channels import ChannelRef
+
+log = get_logger(__name__)
+
+
+class Outbox(Protocol):
+    """Where a subscriber's frames go: a connection's bounded send queue."""
+
+    def push(self, frame: str, *, priority: int = 1) -> None: ...
+
+
+@dataclass(eq=False)
+class Subscription:
+    connection_id: str
+    channel: ChannelRef
+    outbox: Outbox
+    types: re.Pattern[str] | None = None
+    presence: bool = False
+    # While replaying: live (offset, type, frame) held back until the replay is sent.
+    buffer: list[tuple[str, str, str]] | None = field(default_factory=list)
+    last_offset: str = "0-0"
+    # SSE needs its own framing; WebSocket subscribers take the frame as is.
+    encode: Callable[[str, str, str, str], str] | None = None
+
+    def wants(self, event_type: str) -> bool:
+        return self.types is None or self.types.match(event_type) is not None
+
+
+def compile_filter(patterns: list[str] | None) -> re.Pattern[str] | None:
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+@dataclass
+class HubStats:
+    events_in: int = 0
+    frames_out: int = 0
+    fanout_seconds: float = 0.0
+
+
+class Hub:
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._pubsub: PubSub = redis.pubsub()
+        self._subs: dict[str, set[Subscription]] = defaultdict(set)  # pubsub channel → subs
+        self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._reader: asyncio.Task[None] | None = None
+        self._confirmations: dict[str, asyncio.Future[None]] = {}
+        self._control: dict[str, Callable[[dict[str, Any]], None]] = {}
+        self.stats = HubStats()
+
+    async def start(self) -> None:
+        # A placeholder subscription keeps the pub/sub connection open from the start.
+        await self._pubsub.subscribe("apix:hub:keepalive")
+        self._reader = asyncio.create_task(self._read(), name="apix-hub-reader")
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def on_control(self, key: str, handler: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``handler`` with each JSON message published on ``key`` (node control)."""
+        self._control[key] = handler
+
+    async def listen(self, key: str) -> None:
+        confirmed = asyncio.get_running_loop().create_future()
+        self._confirmations[key] = confirmed
+        await self._pubsub.subscribe(key)
+        await asyncio.wait_for(confirmed, timeout=10)
+
+    async def add(self, sub: Subscription) -> None:
+        """Register ``sub`` (buffering) and make sure this node hears its channel.
+
+        Returns once Redis has confirmed the subscription, so a stream read that follows
+        cannot miss an event announced in between.
+        """
+        key = sub.channel.pubsub_channel
+        async with self._locks[key]:
+            subs = self._subs[key]
+            first = not subs
+            subs.add(sub)
+            if first:
+                confirmed = asyncio.get_running_loop().create_future()
+                self._confirmations[key] = confirmed
+                try:
+                    await self._pubsub.subscribe(key)
+                    # Redis confirms before it sends any message of that channel: from
+                    # here on, every announcement reaches this node.
+                    await asyncio.wait_for(confirmed, timeout=10)
+                except BaseException:
+                    self._confirmations.pop(key, None)
+                    subs.discard(sub)
+                    raise
+
+    async def remove(self, sub: Subscription) -> None:
+        key = sub.channel.pubsub_channel
+        async with self._locks[key]:
+            subs = self._subs.get(key)
+            if subs is None:
+                return
+            subs.discard(sub)
+            if not subs:
+                del self._subs[key]
+                await self._pubsub.unsubscribe(key)
+
+    def go_live(self, sub: Subscription, *, after: str) -> int:
+        """End ``sub``'s replay: send buffered live events newer than ``after``."""
+        sent = 0
+        buffered, sub.buffer = sub.buffer or [], None
+        floor = offset_key(after)
+        for offset, event_type, frame in buffered:
+            if offset == "-" or offset_key(offset) > floor:
+                if sub.wants(event_type):
+                    sub.outbox.push(frame)
+                    sent += 1
+                if offset != "-":
+                    sub.last_offset = offset
+        return sent
+
+    def local_subscribers(self, channel: ChannelRef) -> int:
+        return len(self._subs.get(channel.pubsub_channel, ()))
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                message = await self._pubsub.get_message(timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("hub: pub/sub read failed; retrying")
+                await asyncio.sleep(0.5)
+                continue
+            if message is None:
+                continue
+            if message["type"] == "subscribe":
+                confirmed = self._confirmations.pop(message["channel"].decode(), None)
+                if confirmed is not None and not confirmed.done():
+                    confirmed.set_result(None)
+                continue
+            if message["type"] != "message":
+                continue
+            key = message["channel"].decode()
+            try:
+                handler = self._control.get(key)
+                if handler is not None:
+                    handler(loads(message["data"]))
+                else:
+                    self._dispatch(key, message["data"])
+            except Exception:
+                log.exception("hub: could not dispatch an event")
+
+    def _dispatch(self, key: str, raw: bytes) -> None:
+        subs = self._subs.get(key)
+        if not subs:
+            return
+        started = asyncio.get_running_loop().time()
+        kind, epoch, offset, event_type, payload = raw.split(b" ", 4)
+        offset_s, epoch_s, type_s = offset.decode(), epoch.decode(), event_type.decode()
+        channel_name = next(iter(subs)).channel.name
+        if kind == b"e":
+            frame = event_frame(channel_name, offset_s, epoch_s, payload)
+        else:  # presence: not stored, no offset; only for presence subscribers
+            frame = (
+                f'{{"op":"event","channel":"{channel_name}","offset":null,"epoch":"{epoch_s}",'
+                f'{payload[1:-1].decode()},"attempt":1}}'
+            )
+            offset_s = "-"
+        self.stats.events_in += 1
+        out = 0
+        for sub in subs:
+            if kind != b"e" and not sub.presence:
+                continue
+            text = frame if sub.encode is None else sub.encode(frame, offset_s, epoch_s, type_s)
+            if sub.buffer is not None:
+                sub.buffer.append((offset_s, type_s, text))
+                continue
+            if kind == b"e":
+                sub.last_offset = offset_s
+            if sub.wants(type_s):
+                sub.outbox.push(text)
+                out += 1
+        self.stats.frames_out += out
+        self.stats.fanout_seconds += asyncio.get_running_loop().time() - started

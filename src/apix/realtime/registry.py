@@ -1,0 +1,288 @@
+"""Where connections are known: live state in Redis for every node, a durable record in
+PostgreSQL written in batches.
+
+Redis holds each connection's hash (`apix:conn:<id>`), each organisation's set of
+connection ids, and each node's liveness key; a node refreshes them on a timer. PostgreSQL
+gets `apix_connection` and `apix_channel` rows, upserted together every
+`registry_flush_s`, one transaction per organisation: never a write per ping or per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from redis.asyncio import Redis
+from sqlalchemy import func
+from sqlalchemy.dialects.postgresql import insert
+
+from apix.core.json import dumps, loads
+from apix.core.logging import get_logger
+from apix.infra.database import Database
+from apix.realtime.channels import ChannelRef, org_uuid
+from apix.realtime.models import ApixChannel, ApixConnection
+
+log = get_logger(__name__)
+
+CONTROL_CHANNEL = "apix:control"
+_NODE_TTL_S = 30
+_CONN_TTL_S = 120
+
+
+def _conn_key(connection_id: str) -> str:
+    return f"apix:conn:{connection_id}"
+
+
+def _org_key(org_id: uuid.UUID) -> str:
+    return f"apix:org:{org_id}:conns"
+
+
+def _subscribers_key(org: uuid.UUID, channel: str) -> str:
+    return f"apix:org:{org}:subs:{channel}"
+
+
+def _node_key(node: str) -> str:
+    return f"apix:node:{node}"
+
+
+@dataclass
+class ConnectionRecord:
+    id: str
+    org_id: uuid.UUID
+    user_id: uuid.UUID | None
+    api_key_id: uuid.UUID | None
+    client_type: str
+    client_name: str | None
+    client_version: str | None
+    node: str
+    connected_at: datetime
+    channels: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    status: str = "CONNECTED"
+    last_heartbeat_at: datetime | None = None
+    disconnected_at: datetime | None = None
+    close_code: int | None = None
+    rtt_ms: float | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "connection_id": self.id,
+            "user_id": self.user_id,
+            "api_key_id": self.api_key_id,
+            "client_type": self.client_type,
+            "client_name": self.client_name,
+            "client_version": self.client_version,
+            "node": self.node,
+            "channels": self.channels,
+            "connected_at": int(self.connected_at.timestamp() * 1000),
+            "rtt_ms": self.rtt_ms,
+        }
+
+
+class Registry:
+    def __init__(self, redis: Redis, database: Database, *, node: str, flush_s: float) -> None:
+        self.redis = redis
+        self.database = database
+        self.node = node
+        self.flush_s = flush_s
+        self._live: dict[str, ConnectionRecord] = {}
+        self._dirty: dict[str, ConnectionRecord] = {}
+        self._channels: dict[tuple[uuid.UUID, str], str] = {}  # (org, name) → namespace
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._beat()
+        self._task = asyncio.create_task(self._loop(), name="apix-registry")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()
+        with contextlib.suppress(Exception):
+            await self.redis.delete(_node_key(self.node))
+
+    # --- changes (cheap: memory and one Redis round trip at most) ----------------------
+
+    async def connected(self, record: ConnectionRecord) -> None:
+        self._live[record.id] = record
+        self._dirty[record.id] = record
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(_conn_key(record.id), dumps(record.public() | {"org_id": record.org_id}))
+            pipe.expire(_conn_key(record.id), _CONN_TTL_S)
+            pipe.sadd(_org_key(record.org_id), record.id)
+            await pipe.execute()
+
+    def touched(self, record: ConnectionRecord) -> None:
+        """Heartbeat or subscription change: written at the next flush."""
+        self._dirty[record.id] = record
+
+    async def subscribed(self, channel: ChannelRef, connection_id: str, on: bool) -> None:
+        """Count the channel's subscribers (across nodes) and mark its record for update."""
+        org = org_uuid(channel)
+        if org is None:
+            return
+        self._channels[(org, channel.name)] = channel.namespace.name
+        key = _subscribers_key(org, channel.name)
+        if on:
+            await self.redis.sadd(key, connection_id)
+        else:
+            await self.redis.srem(key, connection_id)
+
+    async def disconnected(self, record: ConnectionRecord, code: int) -> None:
+        record.status = "DISCONNECTED"
+        record.disconnected_at = datetime.now(UTC)
+        record.close_code = code
+        self._live.pop(record.id, None)
+        self._dirty[record.id] = record
+        with contextlib.suppress(Exception):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.delete(_conn_key(record.id))
+                pipe.srem(_org_key(record.org_id), record.id)
+                await pipe.execute()
+
+    # --- reading (any node) -------------------------------------------------------------
+
+    async def list_org(self, org_id: uuid.UUID) -> list[dict[str, Any]]:
+        members = await self.redis.smembers(_org_key(org_id))
+        ids = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for connection_id in ids:
+                pipe.get(_conn_key(connection_id))
+            raw = await pipe.execute()
+        records = [loads(r) for r in raw if r is not None]
+        nodes = sorted({r["node"] for r in records})
+        alive_raw = await self.redis.mget([_node_key(n) for n in nodes]) if nodes else []
+        alive = {n for n, a in zip(nodes, alive_raw, strict=True) if a is not None}
+        gone = [
+            i for i, r in zip(ids, raw, strict=True) if r is None or loads(r)["node"] not in alive
+        ]
+        if gone:
+            await self.redis.srem(_org_key(org_id), *gone)
+        return [r for r in records if r["node"] in alive]
+
+    async def find(self, org_id: uuid.UUID, connection_id: str) -> dict[str, Any] | None:
+        raw = await self.redis.get(_conn_key(connection_id))
+        if raw is None:
+            return None
+        record: dict[str, Any] = loads(raw)
+        return record if record.get("org_id") == str(org_id) else None
+
+    async def kick(self, connection_id: str, code: int = 4010) -> None:
+        await self.redis.publish(CONTROL_CHANNEL, dumps({"kick": connection_id, "code": code}))
+
+    # --- background ---------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.flush_s, _NODE_TTL_S / 3))
+            try:
+                await self._beat()
+                await self.flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("registry: background write failed; retrying")
+
+    async def _beat(self) -> None:
+        now = datetime.now(UTC)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(_node_key(self.node), int(now.timestamp() * 1000), ex=_NODE_TTL_S)
+            for record in self._live.values():
+                pipe.expire(_conn_key(record.id), _CONN_TTL_S)
+            await pipe.execute()
+
+    async def flush(self) -> None:
+        dirty, self._dirty = self._dirty, {}
+        channels, self._channels = self._channels, {}
+        by_org: dict[uuid.UUID, list[ConnectionRecord]] = defaultdict(list)
+        for record in dirty.values():
+            by_org[record.org_id].append(record)
+        channels_by_org: dict[uuid.UUID, list[tuple[str, str]]] = defaultdict(list)
+        for (org, name), namespace in channels.items():
+            channels_by_org[org].append((name, namespace))
+        for org in by_org.keys() | channels_by_org.keys():
+            try:
+                await self._write(org, by_org.get(org, []), channels_by_org.get(org, []))
+            except Exception:
+                # Keep what failed for the next round rather than losing it.
+                for record in by_org.get(org, []):
+                    self._dirty.setdefault(record.id, record)
+                raise
+
+    async def _write(
+        self, org: uuid.UUID, records: list[ConnectionRecord], channels: list[tuple[str, str]]
+    ) -> None:
+        async with self.database.transaction(org) as uow:
+            if records:
+                rows = [
+                    {
+                        "id": r.id,
+                        "org_id": r.org_id,
+                        "user_id": r.user_id,
+                        "api_key_id": r.api_key_id,
+                        "client_type": r.client_type,
+                        "client_name": r.client_name,
+                        "client_version": r.client_version,
+                        "node": r.node,
+                        "channels": r.channels,
+                        "metadata": r.metadata,
+                        "status": r.status,
+                        "connected_at": r.connected_at,
+                        "last_heartbeat_at": r.last_heartbeat_at,
+                        "disconnected_at": r.disconnected_at,
+                        "close_code": r.close_code,
+                    }
+                    for r in records
+                ]
+                stmt = insert(ApixConnection)
+                await uow.session.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=[ApixConnection.id],
+                        set_={
+                            name: stmt.excluded[name]
+                            for name in (
+                                "channels",
+                                "status",
+                                "last_heartbeat_at",
+                                "disconnected_at",
+                                "close_code",
+                            )
+                        },
+                    ),
+                    rows,
+                )
+            if channels:
+                now = datetime.now(UTC)
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for name, _ in channels:
+                        pipe.scard(_subscribers_key(org, name))
+                    counts = [int(c) for c in await pipe.execute()]
+                stmt = insert(ApixChannel)
+                await uow.session.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=[ApixChannel.org_id, ApixChannel.name],
+                        set_={
+                            "last_active_at": func.now(),
+                            "subscriber_count": stmt.excluded.subscriber_count,
+                        },
+                    ),
+                    [
+                        {
+                            "org_id": org,
+                            "name": name,
+                            "namespace": ns,
+                            "subscriber_count": count,
+                            "last_active_at": now,
+                        }
+                        for (name, ns), count in zip(channels, counts, strict=True)
+                    ],
+                )

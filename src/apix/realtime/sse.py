@@ -1,0 +1,125 @@
+"""Server-Sent Events: the receive-only transport (PROTOCOL.md section 8).
+
+Each event is sent as `id: <channel>|<epoch>|<offset>`, `event: <type>` and `data: <the
+event object>`. `Last-Event-ID` (or `since=<channel>|<epoch>|<offset>` per channel) resumes
+exactly as `since` does on the WebSocket. A comment line is sent as a heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator
+
+from apix.core.errors import BadRequest
+from apix.identity.principal import Principal
+from apix.realtime import channels as channel_registry
+from apix.realtime.broker import event_frame
+from apix.realtime.gateway import Gateway
+from apix.realtime.hub import Subscription
+from apix.realtime.schemas import Position
+
+
+def sse_event(frame: str, offset: str, epoch: str, event_type: str, channel: str) -> str:
+    return f"id: {channel}|{epoch}|{offset}\nevent: {event_type}\ndata: {frame}\n\n"
+
+
+def parse_position(value: str) -> tuple[str, Position]:
+    """`<channel>|<epoch>|<offset>` → (channel, position)."""
+    parts = value.split("|")
+    if len(parts) != 3:
+        raise BadRequest("a position is <channel>|<epoch>|<offset>")
+    channel, epoch, offset = parts
+    try:
+        return channel, Position(offset=offset, epoch=epoch or None)
+    except ValueError as exc:
+        raise BadRequest(f"invalid position {value!r}") from exc
+
+
+class SseOutbox:
+    """A subscriber's queue for one SSE response, bounded like the WebSocket one."""
+
+    def __init__(self, limit: int) -> None:
+        self.frames: deque[str] = deque()
+        self.size = 0
+        self.limit = limit
+        self.wakeup = asyncio.Event()
+        self.overflowed = False
+
+    def push(self, frame: str, *, priority: int = 1) -> None:
+        if self.overflowed:
+            return
+        self.frames.append(frame)
+        self.size += len(frame)
+        if self.size > self.limit:
+            self.overflowed = True
+        self.wakeup.set()
+
+
+async def open_stream(
+    gateway: Gateway,
+    principal: Principal,
+    names: list[str],
+    positions: dict[str, Position],
+) -> AsyncIterator[str]:
+    """Subscribe to ``names`` and yield SSE text until the client goes or falls behind."""
+    if not names:
+        raise BadRequest("give at least one channel: ?channel=<name>")
+    if len(names) > gateway.config.max_subscriptions:
+        raise BadRequest("too many channels")
+    refs = []
+    for name in dict.fromkeys(names):
+        channel = channel_registry.parse(name, principal)
+        channel_registry.check_subscribe(principal, channel)
+        refs.append(channel)
+    outbox = SseOutbox(gateway.config.send_buffer_bytes)
+    subs: list[Subscription] = []
+    try:
+        for channel in refs:
+
+            def encode(
+                frame: str, offset: str, epoch: str, kind: str, name: str = channel.name
+            ) -> str:
+                return sse_event(frame, offset, epoch, kind, name)
+
+            sub = Subscription(
+                connection_id=f"sse:{id(outbox)}", channel=channel, outbox=outbox, encode=encode
+            )
+            subs.append(sub)
+            since = positions.get(channel.name)
+            snapshot, _recovered, replay = await gateway.attach(sub, since=since, last=0)
+            for event in replay:
+                frame = event_frame(channel.name, event.offset, snapshot.epoch, event.payload)
+                outbox.push(
+                    sse_event(frame, event.offset, snapshot.epoch, event.type, channel.name)
+                )
+            gateway.hub.go_live(sub, after=sub.last_offset)
+    except BaseException:
+        for sub in subs:
+            await gateway.hub.remove(sub)
+        raise
+    return _pump(gateway, outbox, subs)
+
+
+async def _pump(
+    gateway: Gateway, outbox: SseOutbox, subs: list[Subscription]
+) -> AsyncIterator[str]:
+    heartbeat = gateway.config.sse_heartbeat_s
+    try:
+        yield ": connected\n\n"
+        while not outbox.overflowed and not gateway.closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(outbox.wakeup.wait(), timeout=heartbeat)
+            outbox.wakeup.clear()
+            if not outbox.frames:
+                yield ": heartbeat\n\n"
+                continue
+            chunk = "".join(outbox.frames)
+            outbox.frames.clear()
+            outbox.size = 0
+            yield chunk
+    finally:
+        for sub in subs:
+            with contextlib.suppress(Exception):
+                await gateway.hub.remove(sub)

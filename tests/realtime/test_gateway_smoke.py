@@ -38,3 +38,8 @@ async def test_connect_subscribe_publish_and_receive(
             first["offset"],
             second["offset"],
         ]
+        gateway = (await client.get("/api/v1/status")).json()["gateway"]
+        assert gateway["connections"] == 1
+        assert gateway["subscriptions"] == 1
+        assert gateway["events_in"] >= 2
+        assert gateway["frames_out"] >= 2

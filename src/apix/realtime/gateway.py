@@ -179,6 +179,20 @@ class Gateway:
         )
         return snapshot, recovered, replay
 
+    def stats(self) -> dict[str, Any]:
+        """This node's gateway counters (for status and benchmarks)."""
+        hub = self.hub.stats
+        connections = list(self.connections.values())
+        return {
+            "connections": len(connections),
+            "subscriptions": sum(len(c.subscriptions) for c in connections),
+            "channels": self.hub.channel_count(),
+            "events_in": hub.events_in,
+            "frames_out": hub.frames_out,
+            "fanout_ms_total": round(hub.fanout_seconds * 1000, 3),
+            "send_buffer_bytes_max": max((c.queue.size for c in connections), default=0),
+        }
+
     def allows_origin(self, origin: str | None) -> bool:
         allowed = self.settings.server.allowed_origins
         return origin is None or not allowed or "*" in allowed or origin in allowed
@@ -528,7 +542,7 @@ class ClientConnection:
         gateway.hub.go_live(sub, after=sub.last_offset)
         assert self.record is not None  # noqa: S101
         self.record.channels = sorted(self.subscriptions)
-        gateway.registry.touched(self.record)
+        await gateway.registry.update_live(self.record)
         await gateway.registry.subscribed(channel, self.id, True)
         if command.presence:
             await gateway.presence.join(channel, self._member(), snapshot.epoch)
@@ -553,9 +567,9 @@ class ClientConnection:
             if sub.presence:
                 epoch = await gateway.broker.epoch(sub.channel)
                 await gateway.presence.leave(sub.channel, self._member(), epoch)
-            if self.record is not None:
+            if self.record is not None and announce:
                 self.record.channels = sorted(self.subscriptions)
-                gateway.registry.touched(self.record)
+                await gateway.registry.update_live(self.record)
             await self._monitor(
                 "subscription.removed", {"connection_id": self.id, "channel": sub.channel.name}
             )

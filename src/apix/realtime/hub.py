@@ -147,6 +147,9 @@ class Hub:
                     sub.last_offset = offset
         return sent
 
+    def channel_count(self) -> int:
+        return len(self._subs)
+
     def local_subscribers(self, channel: ChannelRef) -> int:
         return len(self._subs.get(channel.pubsub_channel, ()))
 

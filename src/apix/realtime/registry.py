@@ -114,10 +114,18 @@ class Registry:
         self._live[record.id] = record
         self._dirty[record.id] = record
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(_conn_key(record.id), dumps(record.public() | {"org_id": record.org_id}))
-            pipe.expire(_conn_key(record.id), _CONN_TTL_S)
+            pipe.set(_conn_key(record.id), self._live_state(record), ex=_CONN_TTL_S)
             pipe.sadd(_org_key(record.org_id), record.id)
             await pipe.execute()
+
+    async def update_live(self, record: ConnectionRecord) -> None:
+        """Subscriptions changed: every node's connection list shows it at once."""
+        self._dirty[record.id] = record
+        await self.redis.set(_conn_key(record.id), self._live_state(record), ex=_CONN_TTL_S)
+
+    @staticmethod
+    def _live_state(record: ConnectionRecord) -> bytes:
+        return dumps(record.public() | {"org_id": record.org_id})
 
     def touched(self, record: ConnectionRecord) -> None:
         """Heartbeat or subscription change: written at the next flush."""
@@ -162,9 +170,9 @@ class Registry:
         nodes = sorted({r["node"] for r in records})
         alive_raw = await self.redis.mget([_node_key(n) for n in nodes]) if nodes else []
         alive = {n for n, a in zip(nodes, alive_raw, strict=True) if a is not None}
-        gone = [
-            i for i, r in zip(ids, raw, strict=True) if r is None or loads(r)["node"] not in alive
-        ]
+        # Only records that expired are forgotten: a node key missing for a moment (a Redis
+        # restart) must not drop that node's live connections from the index.
+        gone = [i for i, r in zip(ids, raw, strict=True) if r is None]
         if gone:
             await self.redis.srem(_org_key(org_id), *gone)
         return [r for r in records if r["node"] in alive]

@@ -8,7 +8,7 @@ from apix import __version__
 from apix.core.routing import api_router
 from apix.infra.deps import DatabaseDep, RedisDep, SettingsDep
 from apix.system import service
-from apix.system.schemas import ApiLinks, ApiRoot, Liveness, Readiness, Status
+from apix.system.schemas import ApiLinks, ApiRoot, GatewayStatus, Liveness, Readiness, Status
 
 router = api_router()
 
@@ -64,7 +64,7 @@ async def _status(
     request: Request, settings: SettingsDep, database: DatabaseDep, redis: RedisDep
 ) -> Status:
     state = request.app.state
-    return await service.status(
+    result = await service.status(
         settings,
         database,
         redis,
@@ -72,3 +72,7 @@ async def _status(
         head=state.head_revision,
         embedded=state.embedded,
     )
+    gateway = getattr(state, "gateway", None)
+    if gateway is not None:
+        result.gateway = GatewayStatus.model_validate(gateway.stats())
+    return result

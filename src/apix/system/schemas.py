@@ -35,6 +35,18 @@ class MigrationStatus(BaseModel):
     up_to_date: bool
 
 
+class GatewayStatus(BaseModel):
+    """This node's real-time gateway: live counts and cumulative counters since start."""
+
+    connections: int
+    subscriptions: int
+    channels: int
+    events_in: int
+    frames_out: int
+    fanout_ms_total: float
+    send_buffer_bytes_max: int
+
+
 class Status(BaseModel):
     status: Literal["ok", "degraded"]
     version: str
@@ -44,6 +56,7 @@ class Status(BaseModel):
     postgres: ComponentStatus
     redis: ComponentStatus
     migrations: MigrationStatus
+    gateway: GatewayStatus | None = None
 
 
 class Liveness(BaseModel):

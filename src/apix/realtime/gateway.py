@@ -34,6 +34,7 @@ from apix.core.errors import (
     Forbidden,
     NotFound,
     RateLimited,
+    TooLarge,
     Unauthorized,
 )
 from apix.core.json import dumps
@@ -506,7 +507,7 @@ class ClientConnection:
         if channel.name in self.subscriptions:
             raise Conflict(f"already subscribed to {channel.name}")
         if len(self.subscriptions) >= self.config.max_subscriptions:
-            raise RateLimited("too many subscriptions on this connection")
+            raise TooLarge(f"at most {self.config.max_subscriptions} subscriptions per connection")
         sub = Subscription(
             connection_id=self.id,
             channel=channel,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -33,13 +34,25 @@ def _not_blank(value: str) -> str:
     return value
 
 
-def _no_nul_inside(value: dict[str, Any]) -> dict[str, Any]:
-    """Free-form JSON is stored as JSONB, which cannot hold NUL: refuse it anywhere inside."""
+_INT64 = 2**63
+
+
+def _storable_json(value: dict[str, Any]) -> dict[str, Any]:
+    """Free-form JSON must survive JSONB and come back renderable: no NUL in any string
+    (JSONB cannot hold it), no NaN or infinity, no number beyond 64 bits (JSONB keeps it
+    exactly, and it could not be rendered back)."""
     stack: list[Any] = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, str):
             _no_nul(item)
+        elif isinstance(item, bool):
+            continue
+        elif isinstance(item, int):
+            if abs(item) >= _INT64:
+                raise ValueError("numbers must be within 64 bits")
+        elif isinstance(item, float) and (not math.isfinite(item) or abs(item) >= _INT64):
+            raise ValueError("numbers must be finite and within 64 bits")
         elif isinstance(item, dict):
             stack.extend(item.keys())
             stack.extend(item.values())
@@ -52,15 +65,26 @@ Text = Annotated[str, AfterValidator(_no_nul)]
 Name = Annotated[
     str, StringConstraints(max_length=200), AfterValidator(_no_nul), AfterValidator(_not_blank)
 ]
-JsonObject = Annotated[dict[str, Any], AfterValidator(_no_nul_inside)]
+JsonObject = Annotated[dict[str, Any], AfterValidator(_storable_json)]
 Password = Annotated[Text, StringConstraints(min_length=8, max_length=128)]
 Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")]
 Email = Annotated[EmailStr, StringConstraints(max_length=320)]
 TotpCode = Annotated[str, StringConstraints(pattern=r"^[0-9]{6}$")]
 OrgRole = Literal["ORG_ADMIN", "DEVELOPER", "VIEWER"]
 Tier = Literal["FREE", "STARTER", "PROFESSIONAL", "ENTERPRISE"]
+
+
+def _valid_port(origin: str) -> str:
+    _, _, port = origin.rpartition(":")
+    if port.isdigit() and not 0 < int(port) <= 65535 and origin.count(":") == 2:
+        raise ValueError("port must be 1 to 65535")
+    return origin
+
+
 Origin = Annotated[
-    str, StringConstraints(pattern=r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$", max_length=255)
+    str,
+    StringConstraints(pattern=r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$", max_length=255),
+    AfterValidator(_valid_port),
 ]
 
 

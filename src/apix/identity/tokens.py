@@ -97,5 +97,6 @@ def verify(keyring: KeyRing, settings: AuthSettings, token: str) -> AccessClaims
             token_id=str(claims["jti"]),
             expires_at=int(claims["exp"]),
         )
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, AttributeError) as exc:
+        # A correctly signed token with claims of the wrong shape is still just invalid.
         raise TokenError("invalid token claims") from exc

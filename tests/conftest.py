@@ -147,6 +147,8 @@ async def _clean_state(request: pytest.FixtureRequest) -> AsyncIterator[None]:
         engine = create_async_engine(async_url(servers.database_url), poolclass=NullPool)
         try:
             async with engine.begin() as conn:
+                # Fail loudly, not hang, if a test left a transaction holding a lock.
+                await conn.execute(text("SET LOCAL lock_timeout = '15s'"))
                 await conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
         finally:
             await engine.dispose()

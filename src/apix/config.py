@@ -121,6 +121,19 @@ class RealtimeSettings(BaseModel):
         5.0, gt=0, description="How often connection records are written to PostgreSQL."
     )
     sse_heartbeat_s: float = Field(15.0, gt=0, description="SSE comment heartbeat interval.")
+    resume_window_s: int = Field(
+        120, ge=1, description="How long a dropped connection's session can be resumed."
+    )
+    ack_timeout_ms: int = Field(
+        10_000,
+        ge=50,
+        description="An `ack` subscription's event not acknowledged within this is sent again.",
+    )
+    redelivery_backoff_ms: list[int] = Field(
+        default_factory=lambda: [1000, 2000, 4000, 8000, 16000],
+        description="Extra wait before each further redelivery (with ±20% jitter).",
+    )
+    max_attempts: int = Field(5, ge=1, description="Sends of one event before it is dead-lettered.")
 
 
 class LogSettings(BaseModel):

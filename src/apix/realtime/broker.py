@@ -20,10 +20,17 @@ from redis.asyncio import Redis
 from apix.core.json import dumps
 from apix.realtime.channels import ChannelRef
 
-# KEYS: meta, stream. ARGV: epoch candidate, max_len, min_id, payload, pubsub channel, ttl_ms,
-# event type. Returns {offset, epoch}.
+# KEYS: meta, stream, idempotency key (or ""). ARGV: epoch candidate, max_len, min_id, payload,
+# pubsub channel, ttl_ms, event type, event id, idempotency ttl_ms.
+# Returns {offset, epoch, event id, duplicate (0/1)}.
 _PUBLISH = """
-local meta, stream = KEYS[1], KEYS[2]
+local meta, stream, idem = KEYS[1], KEYS[2], KEYS[3]
+if idem ~= '' then
+  local first = redis.call('HMGET', idem, 'offset', 'epoch', 'id')
+  if first[1] then
+    return {first[1], first[2], first[3], 1}
+  end
+end
 local epoch = redis.call('HGET', meta, 'epoch')
 local lost = redis.call('EXISTS', stream) == 0 and redis.call('HEXISTS', meta, 'last') == 1
 if (not epoch) or lost then
@@ -48,7 +55,11 @@ redis.call('HSET', meta, 'last', id)
 redis.call('PEXPIRE', stream, ARGV[6])
 redis.call('PEXPIRE', meta, ARGV[6])
 redis.call('PUBLISH', ARGV[5], 'e ' .. epoch .. ' ' .. id .. ' ' .. ARGV[7] .. ' ' .. ARGV[4])
-return {id, epoch}
+if idem ~= '' then
+  redis.call('HSET', idem, 'offset', id, 'epoch', epoch, 'id', ARGV[8])
+  redis.call('PEXPIRE', idem, ARGV[9])
+end
+return {id, epoch, ARGV[8], 0}
 """
 
 # KEYS: meta. ARGV: epoch candidate. Returns the channel's epoch, creating one if needed.
@@ -61,6 +72,9 @@ if not epoch then
 end
 return epoch
 """
+
+# A publish retried with the same idempotency key within this returns the first result.
+IDEMPOTENCY_TTL_S = 600
 
 # Idle channels keep their metadata a while after their events have aged out.
 _EXTRA_TTL_MS = 24 * 3600 * 1000
@@ -86,6 +100,7 @@ class Published:
     epoch: str
     id: str
     ts: int
+    duplicate: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +157,14 @@ class Broker:
         data: Any,
         *,
         meta: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> Published:
+        """Append and announce an event.
+
+        With ``idempotency_key``, the same key on the same channel within
+        `IDEMPOTENCY_TTL_S` returns the first result (``duplicate``) and stores nothing:
+        the check and the append are one script, so concurrent retries on any node agree.
+        """
         event_id = new_event_id()
         ts = int(time.time() * 1000)
         payload = event_payload(
@@ -155,8 +177,9 @@ class Broker:
         namespace = channel.namespace
         min_id = f"{ts - namespace.max_age_s * 1000}-0"
         ttl_ms = namespace.max_age_s * 1000 + _EXTRA_TTL_MS
-        offset, epoch = await self._publish(
-            keys=[channel.meta_key, channel.stream_key],
+        idem = channel.idempotency_key(idempotency_key) if idempotency_key else ""
+        offset, epoch, stored_id, duplicate = await self._publish(
+            keys=[channel.meta_key, channel.stream_key, idem],
             args=[
                 new_epoch(),
                 namespace.max_len,
@@ -165,9 +188,11 @@ class Broker:
                 channel.pubsub_channel,
                 ttl_ms,
                 event_type,
+                event_id,
+                IDEMPOTENCY_TTL_S * 1000,
             ],
         )
-        return Published(offset.decode(), epoch.decode(), event_id, ts)
+        return Published(offset.decode(), epoch.decode(), stored_id.decode(), ts, bool(duplicate))
 
     async def epoch(self, channel: ChannelRef) -> str:
         ttl_ms = channel.namespace.max_age_s * 1000 + _EXTRA_TTL_MS

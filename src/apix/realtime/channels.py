@@ -9,6 +9,7 @@ stream, which every tenant reads and only operators write).
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
 import uuid
 from dataclasses import dataclass
@@ -105,6 +106,10 @@ class ChannelRef:
     @property
     def presence_key(self) -> str:
         return f"apix:ch:{self.tag}:p"
+
+    def idempotency_key(self, key: str) -> str:
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return f"apix:ch:{self.tag}:idem:{digest}"
 
     @property
     def pubsub_channel(self) -> str:

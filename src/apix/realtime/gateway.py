@@ -49,11 +49,13 @@ from apix.realtime import service
 from apix.realtime.broker import Broker, Snapshot, StoredEvent, event_frame
 from apix.realtime.channels import ChannelRef
 from apix.realtime.connection import SendQueue, run_writer
+from apix.realtime.delivery import Redelivery, Sessions, new_session_token, offset_before
 from apix.realtime.hub import Hub, Subscription, compile_filter
 from apix.realtime.presence import Presence
 from apix.realtime.registry import CONTROL_CHANNEL, ConnectionRecord, Registry
 from apix.realtime.schemas import (
     COMMAND_OPS,
+    AckCommand,
     Command,
     ConnectCommand,
     HistoryCommand,
@@ -84,6 +86,8 @@ RATE_LIMITED = 4029
 SHUTTING_DOWN = 4500
 TOO_LARGE = 1009
 
+_SESSION_SAVE_S = 5.0
+
 # Gateways alive in this process, so the server can close their sockets with 4500 first.
 ACTIVE: weakref.WeakSet[Gateway] = weakref.WeakSet()
 
@@ -102,6 +106,16 @@ class Gateway:
             redis, identity_runtime.database, node=self.node, flush_s=self.config.registry_flush_s
         )
         self.connections: dict[str, ClientConnection] = {}
+        self.sessions = Sessions(redis, self.config)
+        self.redelivery = Redelivery(
+            redis,
+            identity_runtime.database,
+            self.broker,
+            self.config,
+            node=self.node,
+            connections=self.connections,
+            on_failed=self._message_failed,
+        )
         self.limiter = FixedWindowRateLimiter(MemoryStorage())
         self._tasks: list[asyncio.Task[None]] = []
         self.closing = False
@@ -111,7 +125,9 @@ class Gateway:
         self.hub.on_control(CONTROL_CHANNEL, self._control)
         await self.hub.listen(CONTROL_CHANNEL)
         await self.registry.start()
+        await self.redelivery.start()
         self._tasks.append(asyncio.create_task(self._presence_loop(), name="apix-presence"))
+        self._tasks.append(asyncio.create_task(self._session_loop(), name="apix-sessions"))
         ACTIVE.add(self)
 
     async def stop(self) -> None:
@@ -120,6 +136,7 @@ class Gateway:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.redelivery.stop()
         await self.registry.stop()
         await self.hub.stop()
         ACTIVE.discard(self)
@@ -139,6 +156,25 @@ class Gateway:
         connection = self.connections.get(str(message.get("kick")))
         if connection is not None:
             connection.close(int(message.get("code", KICKED)), "disconnected by an administrator")
+
+    async def _session_loop(self) -> None:
+        """Positions of every session, saved every few seconds (exactly at close)."""
+        while True:
+            await asyncio.sleep(_SESSION_SAVE_S)
+            try:
+                await self.sessions.save(c for c in self.connections.values() if c.subscriptions)
+            except Exception:
+                log.exception("session save failed")
+
+    async def _message_failed(
+        self, channel: ChannelRef, principal: Principal | None, data: dict[str, Any]
+    ) -> None:
+        if channel.tenant == channel_registry.PLATFORM:
+            return
+        monitor = ChannelRef(
+            "monitor", channel_registry.NAMESPACES["monitor"], None, channel.tenant
+        )
+        await self.broker.publish(monitor, "message.failed", data)
 
     async def _presence_loop(self) -> None:
         interval = max(1.0, self.config.presence_ttl_s / 3)
@@ -178,6 +214,7 @@ class Gateway:
         sub.last_offset = (
             snapshot.events[-1].offset if recovered and snapshot.events else snapshot.last_offset
         )
+        sub.epoch = snapshot.epoch
         return snapshot, recovered, replay
 
     def stats(self) -> dict[str, Any]:
@@ -222,6 +259,8 @@ class ClientConnection:
         self._send = send
         self.origin = origin
         self.id = f"conn_{secrets.token_hex(12)}"
+        self.session = new_session_token()
+        self.filters: dict[str, list[str] | None] = {}
         self.principal: Principal | None = None
         self.record: ConnectionRecord | None = None
         self.subscriptions: dict[str, Subscription] = {}
@@ -307,6 +346,10 @@ class ClientConnection:
         self.close(self.close_code or 1000)
         gateway = self.gateway
         gateway.connections.pop(self.id, None)
+        if self.principal is not None:
+            # Exact positions for a resume within the window.
+            with contextlib.suppress(Exception):
+                await gateway.sessions.save([self], closing=True)
         for sub in list(self.subscriptions.values()):
             await self._drop_subscription(sub, announce=False)
         if self.record is not None and self.principal is not None:
@@ -421,6 +464,8 @@ class ClientConnection:
                 self._reply(command.id, {"ts": int(time.time() * 1000)})
             case PongCommand():
                 self._pong(command.ts)
+            case AckCommand():
+                self._ack(command)
 
     async def _connect(self, command: ConnectCommand) -> None:
         if self.principal is not None:
@@ -464,21 +509,26 @@ class ClientConnection:
         await gateway.registry.connected(self.record)
         self._schedule_ping()
         self._schedule_expiry()
+        restored, opened = await self._resume(command.resume) if command.resume else ([], [])
         self._reply(
             command.id,
             {
                 "type": "connection.established",
                 "connection_id": self.id,
-                "session": self.id,
+                "session": self.session,
                 "org_id": str(principal.org_id),
                 "user_id": str(principal.user_id) if principal.user_id else None,
                 "node": gateway.node,
                 "ping_interval_ms": self.config.ping_interval_ms,
                 "token_expires_at": principal.token_expires_at,
-                "resumed": False,
-                "subscriptions": [],
+                "resumed": bool(command.resume) and self.session == command.resume,
+                "subscriptions": restored,
             },
         )
+        for each in opened:
+            self._go_live(each)
+        for sub, snapshot, _, _ in opened:
+            await self._opened(sub, snapshot.epoch)
         await self._monitor(
             "connection.established",
             {
@@ -488,6 +538,38 @@ class ClientConnection:
                 "node": gateway.node,
             },
         )
+
+    async def _resume(
+        self, token: str
+    ) -> tuple[list[dict[str, Any]], list[tuple[Subscription, Snapshot, bool, list[StoredEvent]]]]:
+        """Restore a session's subscriptions from where they were (not yet live).
+
+        A session belongs to its principal: another user's, key's or organisation's token
+        cannot resume it (the connection then simply starts a new session).
+        """
+        assert self.principal is not None  # noqa: S101
+        saved = await self.gateway.sessions.load(token)
+        if saved is None or not saved.belongs_to(self.principal):
+            return [], []
+        self.session = token
+        restored: list[dict[str, Any]] = []
+        opened = []
+        for s in saved.subscriptions:
+            since = Position(offset=s.acked if s.ack else s.offset, epoch=s.epoch or None)
+            try:
+                each = await self._open(
+                    s.channel, types=s.types, presence=s.presence, ack=s.ack, since=since, last=0
+                )
+            except AppError as exc:  # e.g. the permission was withdrawn meanwhile
+                restored.append(
+                    {"channel": s.channel, "recovered": False, "replayed": 0, "error": exc.code}
+                )
+                continue
+            opened.append(each)
+            restored.append(
+                {"channel": each[0].channel.name, "recovered": each[2], "replayed": len(each[3])}
+            )
+        return restored, opened
 
     async def _org_allows_origin(self, org_id: uuid.UUID) -> bool:
         async with self.gateway.identity.database.transaction(org_id) as uow:
@@ -500,9 +582,44 @@ class ClientConnection:
         return channel_registry.parse(name, self.principal)
 
     async def _subscribe(self, command: SubscribeCommand) -> None:
+        opened = await self._open(
+            command.channel,
+            types=command.filter.types if command.filter else None,
+            presence=command.presence,
+            ack=command.ack,
+            since=command.since,
+            last=command.last,
+        )
+        # From here to go_live nothing awaits: the replay and the live events buffered
+        # meanwhile are merged in offset order before any later event is dispatched.
+        sub, snapshot, recovered, replay = opened
+        self._reply(
+            command.id,
+            {
+                "type": "subscription.added",
+                "channel": sub.channel.name,
+                "position": {"offset": snapshot.last_offset, "epoch": snapshot.epoch},
+                "recovered": recovered,
+                "replayed": len(replay),
+            },
+        )
+        self._go_live(opened)
+        await self._opened(sub, snapshot.epoch)
+
+    async def _open(
+        self,
+        name: str,
+        *,
+        types: list[str] | None,
+        presence: bool,
+        ack: bool,
+        since: Position | None,
+        last: int,
+    ) -> tuple[Subscription, Snapshot, bool, list[StoredEvent]]:
+        """Check and attach a subscription (buffering live events); not yet live."""
         principal = self.principal
         assert principal is not None  # noqa: S101
-        channel = self._channel(command.channel)
+        channel = self._channel(name)
         channel_registry.check_subscribe(principal, channel)
         if channel.name in self.subscriptions:
             raise Conflict(f"already subscribed to {channel.name}")
@@ -512,44 +629,59 @@ class ClientConnection:
             connection_id=self.id,
             channel=channel,
             outbox=self.queue,
-            types=compile_filter(command.filter.types if command.filter else None),
-            presence=command.presence,
+            types=compile_filter(types),
+            presence=presence,
+            ack=ack,
         )
+        if ack:
+            sub.on_deliver = self.gateway.redelivery.delivered
         self.subscriptions[channel.name] = sub
-        gateway = self.gateway
+        self.filters[channel.name] = types
         try:
-            snapshot, recovered, replay = await gateway.attach(
-                sub, since=command.since, last=command.last
-            )
+            snapshot, recovered, replay = await self.gateway.attach(sub, since=since, last=last)
         except BaseException:
             self.subscriptions.pop(channel.name, None)
+            self.filters.pop(channel.name, None)
             raise
-        # From here to go_live nothing awaits: the replay and the live events buffered
-        # meanwhile are merged in offset order before any later event is dispatched.
-        self._reply(
-            command.id,
-            {
-                "type": "subscription.added",
-                "channel": channel.name,
-                "position": {"offset": snapshot.last_offset, "epoch": snapshot.epoch},
-                "recovered": recovered,
-                "replayed": len(replay),
-            },
-        )
+        if ack:
+            # Everything up to the starting position counts as acknowledged; replayed
+            # events are delivered (and tracked) like live ones.
+            sub.acked = since.offset if since and recovered else snapshot.last_offset
+            if replay and not since:
+                sub.acked = offset_before(replay[0].offset)
+        return sub, snapshot, recovered, replay
+
+    def _go_live(self, opened: tuple[Subscription, Snapshot, bool, list[StoredEvent]]) -> None:
+        sub, snapshot, _, replay = opened
         for event in replay:
             self.queue.push_unbounded(
-                event_frame(channel.name, event.offset, snapshot.epoch, event.payload)
+                event_frame(sub.channel.name, event.offset, snapshot.epoch, event.payload)
             )
-        gateway.hub.go_live(sub, after=sub.last_offset)
+            if sub.on_deliver is not None:
+                sub.on_deliver(sub, event.offset)
+        self.gateway.hub.go_live(sub, after=sub.last_offset)
+
+    async def _opened(self, sub: Subscription, epoch: str) -> None:
+        """Book-keeping once a subscription is live: registry, presence, monitor, session."""
+        gateway = self.gateway
         assert self.record is not None  # noqa: S101
         self.record.channels = sorted(self.subscriptions)
         await gateway.registry.update_live(self.record)
-        await gateway.registry.subscribed(channel, self.id, True)
-        if command.presence:
-            await gateway.presence.join(channel, self._member(), snapshot.epoch)
+        await gateway.registry.subscribed(sub.channel, self.id, True)
+        if sub.presence:
+            await gateway.presence.join(sub.channel, self._member(), epoch)
+        await gateway.sessions.save([self])
         await self._monitor(
-            "subscription.added", {"connection_id": self.id, "channel": channel.name}
+            "subscription.added", {"connection_id": self.id, "channel": sub.channel.name}
         )
+
+    def _ack(self, command: AckCommand) -> None:
+        channel = self._channel(command.channel)
+        sub = self.subscriptions.get(channel.name)
+        if sub is None or not sub.ack:
+            raise NotFound(f"no ack subscription to {channel.name}")
+        self.gateway.redelivery.acknowledged(sub, command.offset)
+        self._reply(command.id, {"channel": channel.name, "offset": sub.acked})
 
     async def _unsubscribe(self, command: UnsubscribeCommand) -> None:
         channel = self._channel(command.channel)
@@ -562,6 +694,8 @@ class ClientConnection:
     async def _drop_subscription(self, sub: Subscription, *, announce: bool) -> None:
         gateway = self.gateway
         self.subscriptions.pop(sub.channel.name, None)
+        self.filters.pop(sub.channel.name, None)
+        gateway.redelivery.forget(sub)
         with contextlib.suppress(Exception):
             await gateway.hub.remove(sub)
             await gateway.registry.subscribed(sub.channel, self.id, False)
@@ -584,7 +718,12 @@ class ClientConnection:
         if not self.gateway.limiter.hit(item, self.id, "p", channel.name):
             raise RateLimited("too many publishes on this channel; slow down")
         result = await service.publish(
-            self.gateway.broker, principal, channel, command.type, command.data
+            self.gateway.broker,
+            principal,
+            channel,
+            command.type,
+            command.data,
+            idempotency_key=command.idempotency_key,
         )
         self._reply(command.id, result)
 

@@ -45,8 +45,14 @@ class Subscription:
     # While replaying: live (offset, type, frame) held back until the replay is sent.
     buffer: list[tuple[str, str, str]] | None = field(default_factory=list)
     last_offset: str = "0-0"
+    epoch: str = ""
     # SSE needs its own framing; WebSocket subscribers take the frame as is.
     encode: Callable[[str, str, str, str], str] | None = None
+    # `ack: true` subscriptions: told of every event sent, for redelivery bookkeeping.
+    ack: bool = False
+    acked: str = "0-0"
+    pending: dict[str, str] = field(default_factory=dict)  # offset → redelivery entry
+    on_deliver: Callable[[Subscription, str], None] | None = None
 
     def wants(self, event_type: str) -> bool:
         return self.types is None or self.types.match(event_type) is not None
@@ -143,6 +149,8 @@ class Hub:
                 if sub.wants(event_type):
                     sub.outbox.push(frame)
                     sent += 1
+                    if sub.on_deliver is not None and offset != "-":
+                        sub.on_deliver(sub, offset)
                 if offset != "-":
                     sub.last_offset = offset
         return sent
@@ -209,8 +217,11 @@ class Hub:
                 continue
             if kind == b"e":
                 sub.last_offset = offset_s
+                sub.epoch = epoch_s
             if sub.wants(type_s):
                 sub.outbox.push(text)
                 out += 1
+                if sub.on_deliver is not None and kind == b"e":
+                    sub.on_deliver(sub, offset_s)
         self.stats.frames_out += out
         self.stats.fanout_seconds += asyncio.get_running_loop().time() - started

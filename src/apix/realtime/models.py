@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Integer, String, UniqueConstraint, func
+from sqlalchemy import DateTime, Index, Integer, String, UniqueConstraint, func
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -49,3 +49,25 @@ class ApixChannel(Base):
         DateTime(timezone=True), server_default=func.now(), nullable=False
     )
     last_active_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ApixDeadLetter(Base):
+    """An event an `ack` subscriber never acknowledged within its attempts."""
+
+    __tablename__ = "apix_dead_letter"
+    __table_args__ = (Index("ix_apix_dead_letter_org_id_failed_at", "org_id", "failed_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
+    channel: Mapped[str] = mapped_column(String(200), nullable=False)
+    offset: Mapped[str] = mapped_column(String(48), nullable=False)
+    epoch: Mapped[str] = mapped_column(String(64), nullable=False)
+    event_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    type: Mapped[str] = mapped_column(String(100), nullable=False)
+    event: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    connection_id: Mapped[str | None] = mapped_column(String(64))
+    user_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
+    failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

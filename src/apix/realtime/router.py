@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal
 
 from fastapi import Depends, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
@@ -17,6 +19,8 @@ from apix.realtime import service
 from apix.realtime.gateway import Gateway
 from apix.realtime.schemas import (
     ConnectionOut,
+    DeadLetterOut,
+    DeadLetterPage,
     HistoryResult,
     PresenceResult,
     PublishRequest,
@@ -49,7 +53,9 @@ async def publish(
     """Publish an event to a channel of the caller's organisation."""
     ref = channel_registry.parse(channel, principal)
     channel_registry.check_publish(principal, ref, http=True)
-    result = await service.publish(gateway.broker, principal, ref, data.type, data.data)
+    result = await service.publish(
+        gateway.broker, principal, ref, data.type, data.data, idempotency_key=data.idempotency_key
+    )
     return PublishResult.model_validate(result)
 
 
@@ -102,6 +108,59 @@ async def kick_connection(
         raise NotFound("no such connection")
     await gateway.registry.kick(connection_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+AdminPrincipal = Annotated[Principal, Depends(require("apix:admin"))]
+
+
+@router.get("/dead-letters")
+async def list_dead_letters(
+    principal: AdminPrincipal,
+    request: Request,
+    channel: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    status_: Annotated[
+        Literal["pending", "redelivered", "discarded"] | None, Query(alias="status")
+    ] = None,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> DeadLetterPage:
+    """Events that exhausted their delivery attempts, newest first (cursor pagination)."""
+    assert principal.org_id is not None  # noqa: S101
+    page = await service.dead_letters(
+        request.app.state.database,
+        principal.org_id,
+        channel=channel,
+        since=since,
+        until=until,
+        status=status_,
+        cursor=cursor,
+        limit=limit,
+    )
+    return DeadLetterPage.model_validate(page)
+
+
+@router.post("/dead-letters/{dead_letter_id}/redeliver")
+async def redeliver_dead_letter(
+    dead_letter_id: uuid.UUID, principal: AdminPrincipal, request: Request, gateway: GatewayDep
+) -> DeadLetterOut:
+    """Publish a dead-lettered event to its channel again (marked `redelivered`)."""
+    row = await service.resolve_dead_letter(
+        request.app.state.database, gateway.broker, principal, dead_letter_id, redeliver=True
+    )
+    return DeadLetterOut.model_validate(row)
+
+
+@router.delete("/dead-letters/{dead_letter_id}")
+async def discard_dead_letter(
+    dead_letter_id: uuid.UUID, principal: AdminPrincipal, request: Request, gateway: GatewayDep
+) -> DeadLetterOut:
+    """Discard a dead letter (marked `discarded`, kept for the record)."""
+    row = await service.resolve_dead_letter(
+        request.app.state.database, gateway.broker, principal, dead_letter_id, redeliver=False
+    )
+    return DeadLetterOut.model_validate(row)
 
 
 @router.get(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -92,6 +93,12 @@ class PongCommand(_Command):
     ts: int
 
 
+class AckCommand(_Command):
+    op: Literal["ack"]
+    channel: str
+    offset: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,20}-[0-9]{1,20}$")]
+
+
 Command = Annotated[
     ConnectCommand
     | SubscribeCommand
@@ -101,7 +108,8 @@ Command = Annotated[
     | PresenceCommand
     | RefreshCommand
     | PingCommand
-    | PongCommand,
+    | PongCommand
+    | AckCommand,
     Field(discriminator="op"),
 ]
 COMMAND_OPS = frozenset(
@@ -115,6 +123,7 @@ COMMAND_OPS = frozenset(
         "refresh",
         "ping",
         "pong",
+        "ack",
     }
 )
 
@@ -181,3 +190,22 @@ class ConnectionOut(BaseModel):
     channels: list[str]
     connected_at: int
     rtt_ms: float | None
+
+
+class DeadLetterOut(BaseModel):
+    id: str
+    channel: str
+    offset: str
+    epoch: str
+    event: dict[str, Any]
+    connection_id: str | None
+    user_id: str | None
+    attempts: int
+    status: Literal["pending", "redelivered", "discarded"]
+    failed_at: datetime
+    resolved_at: datetime | None
+
+
+class DeadLetterPage(BaseModel):
+    items: list[DeadLetterOut]
+    next: str | None

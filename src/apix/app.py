@@ -10,6 +10,7 @@ from pathlib import Path
 
 import fastapi_offline
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
@@ -90,6 +91,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.embedded = frozenset(filter(None, os.environ.get(EMBEDDED_ENV, "").split(",")))
 
     install_error_handlers(app)
+    if settings.server.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.server.allowed_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID"],
+            max_age=600,
+        )
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.server.max_body_bytes)
     app.include_router(system_router)
     app.include_router(identity_router.router)

@@ -41,8 +41,9 @@ class ServerSettings(BaseModel):
     )
     allowed_origins: list[str] = Field(
         default_factory=list,
-        description="Origins allowed for browsers (CORS and WebSocket upgrades); "
-        'a JSON list, e.g. `["https://app.example.com"]`. Empty: no cross-origin access.',
+        description="Origins browsers may call the API from (CORS) and open WebSockets "
+        'from; a JSON list, e.g. `["https://app.example.com"]`. Empty: no CORS headers, '
+        "and WebSocket upgrades from any origin (tokens, not cookies, authenticate).",
     )
 
 

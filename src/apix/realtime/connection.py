@@ -23,7 +23,16 @@ OnOverflow = Callable[[], None]
 class SendQueue:
     """Frames waiting for one client, bounded in bytes (approximated by string length)."""
 
-    __slots__ = ("_frames", "_limit", "_on_overflow", "_pending", "_wakeup", "closed", "size")
+    __slots__ = (
+        "_frames",
+        "_limit",
+        "_on_overflow",
+        "_pending",
+        "_wakeup",
+        "closed",
+        "empty",
+        "size",
+    )
 
     def __init__(self, limit_bytes: int, on_overflow: OnOverflow) -> None:
         self._frames: deque[str] = deque()
@@ -33,6 +42,8 @@ class SendQueue:
         self._pending = False
         self.size = 0
         self.closed = False
+        self.empty = asyncio.Event()  # set whenever everything queued has been sent
+        self.empty.set()
 
     def push(self, frame: str, *, priority: int = 1) -> None:
         if self.closed:
@@ -44,6 +55,7 @@ class SendQueue:
             self._frames.clear()
             self._on_overflow()
             return
+        self.empty.clear()
         if not self._pending:
             self._pending = True
             self._wakeup.set()
@@ -54,6 +66,7 @@ class SendQueue:
             return
         self._frames.append(frame)
         self.size += len(frame)
+        self.empty.clear()
         if not self._pending:
             self._pending = True
             self._wakeup.set()
@@ -69,6 +82,8 @@ class SendQueue:
                 frame = frames.popleft()
                 self.size -= len(frame)
                 await send(frame)
+            if not frames:
+                self.empty.set()
 
     def close(self) -> None:
         self.closed = True

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import random
 import secrets
@@ -31,6 +30,7 @@ from redis.asyncio import Redis
 from apix.config import RealtimeSettings
 from apix.core.json import dumps, loads
 from apix.core.logging import get_logger
+from apix.core.tasks import Periodic
 from apix.identity.principal import Principal
 from apix.infra.database import Database
 from apix.realtime.broker import Broker, event_frame, offset_key
@@ -159,16 +159,13 @@ class Redelivery:
         self.on_failed = on_failed
         self._adds: dict[str, float] = {}
         self._removes: list[str] = []
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic("apix-redelivery", _TICK_S, self._tick)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="apix-redelivery")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._loop.stop()
         with contextlib.suppress(Exception):
             await self._flush()
 
@@ -210,16 +207,9 @@ class Redelivery:
 
     # --- the loop ----------------------------------------------------------------------------
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(_TICK_S)
-            try:
-                await self._flush()
-                await self._due()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("redelivery: tick failed; retrying")
+    async def _tick(self) -> None:
+        await self._flush()
+        await self._due()
 
     async def _flush(self) -> None:
         adds, self._adds = self._adds, {}

@@ -39,6 +39,7 @@ from apix.core.errors import (
 )
 from apix.core.json import dumps
 from apix.core.logging import get_logger
+from apix.core.tasks import Periodic
 from apix.identity import errors as identity_errors
 from apix.identity import service as identity
 from apix.identity.models import Organization
@@ -87,6 +88,7 @@ SHUTTING_DOWN = 4500
 TOO_LARGE = 1009
 
 _SESSION_SAVE_S = 5.0
+_FLUSH_TIMEOUT_S = 1.0
 
 # Gateways alive in this process, so the server can close their sockets with 4500 first.
 ACTIVE: weakref.WeakSet[Gateway] = weakref.WeakSet()
@@ -117,7 +119,12 @@ class Gateway:
             on_failed=self._message_failed,
         )
         self.limiter = FixedWindowRateLimiter(MemoryStorage())
-        self._tasks: list[asyncio.Task[None]] = []
+        self._loops = [
+            Periodic(
+                "apix-presence", max(1.0, self.config.presence_ttl_s / 3), self._refresh_presence
+            ),
+            Periodic("apix-sessions", _SESSION_SAVE_S, self._save_sessions),
+        ]
         self.closing = False
 
     async def start(self) -> None:
@@ -126,16 +133,14 @@ class Gateway:
         await self.hub.listen(CONTROL_CHANNEL)
         await self.registry.start()
         await self.redelivery.start()
-        self._tasks.append(asyncio.create_task(self._presence_loop(), name="apix-presence"))
-        self._tasks.append(asyncio.create_task(self._session_loop(), name="apix-sessions"))
+        for loop in self._loops:
+            loop.start()
         ACTIVE.add(self)
 
     async def stop(self) -> None:
         await self.shutdown_connections()
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for loop in self._loops:
+            await loop.stop()
         await self.redelivery.stop()
         await self.registry.stop()
         await self.hub.stop()
@@ -157,14 +162,9 @@ class Gateway:
         if connection is not None:
             connection.close(int(message.get("code", KICKED)), "disconnected by an administrator")
 
-    async def _session_loop(self) -> None:
+    async def _save_sessions(self) -> None:
         """Positions of every session, saved every few seconds (exactly at close)."""
-        while True:
-            await asyncio.sleep(_SESSION_SAVE_S)
-            try:
-                await self.sessions.save(c for c in self.connections.values() if c.subscriptions)
-            except Exception:
-                log.exception("session save failed")
+        await self.sessions.save(c for c in self.connections.values() if c.subscriptions)
 
     async def _message_failed(
         self, channel: ChannelRef, principal: Principal | None, data: dict[str, Any]
@@ -176,20 +176,15 @@ class Gateway:
         )
         await self.broker.publish(monitor, "message.failed", data)
 
-    async def _presence_loop(self) -> None:
-        interval = max(1.0, self.config.presence_ttl_s / 3)
-        while True:
-            await asyncio.sleep(interval)
-            entries = [
+    async def _refresh_presence(self) -> None:
+        await self.presence.refresh(
+            [
                 (sub.channel, connection.id)
                 for connection in self.connections.values()
                 for sub in connection.subscriptions.values()
                 if sub.presence
             ]
-            try:
-                await self.presence.refresh(entries)
-            except Exception:
-                log.exception("presence refresh failed")
+        )
 
     async def attach(
         self, sub: Subscription, *, since: Position | None, last: int
@@ -241,8 +236,10 @@ class Gateway:
         origin = headers.get(b"origin", b"").decode() or None
         if self.closing or not self.allows_origin(origin):
             await receive()  # websocket.connect
-            # Closing before accepting makes the server answer the upgrade with HTTP 403.
-            await send({"type": "websocket.close", "code": 1008})
+            if self.closing:
+                await _refuse_upgrade(scope, send, 503, "unavailable", "node shutting down")
+            else:
+                await _refuse_upgrade(scope, send, 403, "forbidden", "origin not allowed")
             return
         connection = ClientConnection(self, scope, receive, send, origin)
         await connection.run()
@@ -299,6 +296,11 @@ class ClientConnection:
             await self._read_loop()
         finally:
             await self._cleanup()
+            if self._closing is not None:
+                # Returning before the close frame is out would let the server drop the
+                # socket without it (the client would see 1006, not the close code).
+                with contextlib.suppress(Exception):
+                    await self._closing
             self.finished.set()
 
     async def _read_loop(self) -> None:
@@ -319,18 +321,34 @@ class ClientConnection:
                 return
             await self._handle(message)
 
-    def close(self, code: int, reason: str = "") -> None:
-        """Close with ``code`` (idempotent); pending frames are dropped."""
+    def close(self, code: int, reason: str = "", *, flush: bool = False) -> None:
+        """Close with ``code`` (idempotent).
+
+        With ``flush`` the frames already queued (the error reply that explains the close)
+        are sent first, for a moment at most; otherwise they are dropped (slow consumers,
+        kicks, shutdown).
+        """
         if self._closed.is_set():
             return
         self.close_code = code
         self._closed.set()
         for timer in self._timers.values():
             timer.cancel()
+        if flush and self._writer is not None and not self._writer.done():
+            self._closing = asyncio.ensure_future(self._flush_then_close(code, reason))
+            return
         self.queue.close()
         if self._writer is not None:
             self._writer.cancel()
         self._closing = asyncio.ensure_future(self._send_close(code, reason))
+
+    async def _flush_then_close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.queue.empty.wait(), _FLUSH_TIMEOUT_S)
+        self.queue.close()
+        if self._writer is not None:
+            self._writer.cancel()
+        await self._send_close(code, reason)
 
     async def _send_close(self, code: int, reason: str) -> None:
         with contextlib.suppress(Exception):
@@ -388,7 +406,7 @@ class ClientConnection:
         self._bad_frames = 0
         if self.principal is None and op != "connect":
             self._error(command_id, "unauthorized", "the first command must be connect")
-            self.close(UNAUTHORIZED, "unauthorized")
+            self.close(UNAUTHORIZED, "unauthorized", flush=True)
             return
         if self.principal is not None and not self._admit(command_id):
             return
@@ -409,7 +427,7 @@ class ClientConnection:
         self._error(command_id, "bad_request", message)
         self._bad_frames += 1
         if self._bad_frames >= 3:
-            self.close(PROTOCOL_ERROR, "protocol error")
+            self.close(PROTOCOL_ERROR, "protocol error", flush=True)
 
     def _admit(self, command_id: int | str | None) -> bool:
         """Commands per connection: `commands_per_second`, bursts up to `command_burst`."""
@@ -423,7 +441,7 @@ class ClientConnection:
         self._limited_in_a_row += 1
         self._error(command_id, "rate_limited", "too many commands; slow down")
         if self._limited_in_a_row >= config.command_burst:
-            self.close(RATE_LIMITED, "rate limited")
+            self.close(RATE_LIMITED, "rate limited", flush=True)
         return False
 
     def _reply(self, command_id: int | str | None, result: dict[str, Any]) -> None:
@@ -475,19 +493,19 @@ class ClientConnection:
             principal = await identity.authenticate(self.gateway.identity, command.token)
         except identity_errors.TokenExpired:
             self._error(command.id, "token_expired", "the token has expired")
-            self.close(UNAUTHORIZED, "token expired")
+            self.close(UNAUTHORIZED, "token expired", flush=True)
             return
         except AppError as exc:
             self._error(command.id, "unauthorized", exc.message)
-            self.close(UNAUTHORIZED, "unauthorized")
+            self.close(UNAUTHORIZED, "unauthorized", flush=True)
             return
         if principal.org_id is None:
             self._error(command.id, "forbidden", "switch to an organization to connect")
-            self.close(UNAUTHORIZED, "forbidden")
+            self.close(UNAUTHORIZED, "forbidden", flush=True)
             return
         if self.origin is not None and not await self._org_allows_origin(principal.org_id):
             self._error(command.id, "forbidden", "origin not allowed for this organization")
-            self.close(UNAUTHORIZED, "forbidden")
+            self.close(UNAUTHORIZED, "forbidden", flush=True)
             return
         self.principal = principal
         gateway = self.gateway
@@ -845,6 +863,26 @@ class ClientConnection:
         with contextlib.suppress(Exception):
             channel = channel_registry.parse("monitor", principal)
             await self.gateway.broker.publish(channel, event_type, data)
+
+
+async def _refuse_upgrade(scope: Scope, send: Send, status: int, code: str, message: str) -> None:
+    """Answer the upgrade with an HTTP error in the error model (or a bare 403 where the
+    server lacks the ASGI WebSocket denial-response extension)."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    body = dumps({"error": {"code": code, "message": message, "details": None}})
+    await send(
+        {
+            "type": "websocket.http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "websocket.http.response.body", "body": body})
 
 
 def _describe(exc: ValidationError) -> str:

@@ -79,6 +79,7 @@ class Hub:
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._reader: asyncio.Task[None] | None = None
         self._confirmations: dict[str, asyncio.Future[None]] = {}
+        self._stopping = False
         self._control: dict[str, Callable[[dict[str, Any]], None]] = {}
         self.stats = HubStats()
 
@@ -88,11 +89,19 @@ class Hub:
         self._reader = asyncio.create_task(self._read(), name="apix-hub-reader")
 
     async def stop(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        # The reader checks this between reads (at most a short poll away); cancelling it
+        # mid-command is the fallback, since redis-py may swallow that cancellation.
+        self._stopping = True
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(reader), 2.0)
+            except TimeoutError:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await asyncio.wait_for(reader, 1.0)
+        with contextlib.suppress(Exception):
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def on_control(self, key: str, handler: Callable[[dict[str, Any]], None]) -> None:
         """Call ``handler`` with each JSON message published on ``key`` (node control)."""
@@ -162,9 +171,9 @@ class Hub:
         return len(self._subs.get(channel.pubsub_channel, ()))
 
     async def _read(self) -> None:
-        while True:
+        while not self._stopping:
             try:
-                message = await self._pubsub.get_message(timeout=1.0)
+                message = await self._pubsub.get_message(timeout=0.2)
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -9,7 +9,6 @@ gets `apix_connection` and `apix_channel` rows, upserted together every
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import uuid
 from collections import defaultdict
@@ -23,6 +22,7 @@ from sqlalchemy.dialects.postgresql import insert
 
 from apix.core.json import dumps, loads
 from apix.core.logging import get_logger
+from apix.core.tasks import Periodic
 from apix.infra.database import Database
 from apix.realtime.channels import ChannelRef, org_uuid
 from apix.realtime.models import ApixChannel, ApixConnection
@@ -93,17 +93,14 @@ class Registry:
         self._live: dict[str, ConnectionRecord] = {}
         self._dirty: dict[str, ConnectionRecord] = {}
         self._channels: dict[tuple[uuid.UUID, str], str] = {}  # (org, name) → namespace
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic("apix-registry", min(flush_s, _NODE_TTL_S / 3), self._tick)
 
     async def start(self) -> None:
         await self._beat()
-        self._task = asyncio.create_task(self._loop(), name="apix-registry")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._loop.stop()
         await self.flush()
         with contextlib.suppress(Exception):
             await self.redis.delete(_node_key(self.node))
@@ -189,16 +186,9 @@ class Registry:
 
     # --- background ---------------------------------------------------------------------
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(min(self.flush_s, _NODE_TTL_S / 3))
-            try:
-                await self._beat()
-                await self.flush()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("registry: background write failed; retrying")
+    async def _tick(self) -> None:
+        await self._beat()
+        await self.flush()
 
     async def _beat(self) -> None:
         now = datetime.now(UTC)

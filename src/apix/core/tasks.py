@@ -1,0 +1,57 @@
+"""Background loops that stop when asked, without relying on task cancellation.
+
+redis-py can swallow a cancellation that lands in the middle of a command, so a loop
+cancelled that way may keep running; these loops check a stop event between rounds
+and are cancelled only as a last resort.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+from apix.core.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class Periodic:
+    """Run ``step`` every ``interval`` seconds until `stop`; errors are logged and retried."""
+
+    def __init__(self, name: str, interval: float, step: Callable[[], Awaitable[None]]) -> None:
+        self.name = name
+        self.interval = interval
+        self.step = step
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=self.name)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        self._stop.set()
+        task, self._task = self._task, None
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), grace_s)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(task, 1.0)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.interval)
+            if self._stop.is_set():
+                return
+            try:
+                await self.step()
+            except Exception:
+                log.exception("background step failed; retrying", task=self.name)

@@ -62,15 +62,20 @@ end
 return {id, epoch, ARGV[8], 0}
 """
 
-# KEYS: meta. ARGV: epoch candidate. Returns the channel's epoch, creating one if needed.
+# KEYS: meta, stream. ARGV: epoch candidate, ttl_ms. Returns {epoch, trimmed or false}: the
+# channel's epoch, a new one if there was none or the stream was lost since the last publish
+# (the same rule the publish script applies, so readers and writers agree on the epoch).
 _EPOCH = """
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
+local meta, stream = KEYS[1], KEYS[2]
+local epoch = redis.call('HGET', meta, 'epoch')
+local lost = redis.call('EXISTS', stream) == 0 and redis.call('HEXISTS', meta, 'last') == 1
+if (not epoch) or lost then
   epoch = ARGV[1]
-  redis.call('HSET', KEYS[1], 'epoch', epoch)
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('DEL', meta)
+  redis.call('HSET', meta, 'epoch', epoch)
+  redis.call('PEXPIRE', meta, ARGV[2])
 end
-return epoch
+return {epoch, redis.call('HGET', meta, 'trimmed') or false}
 """
 
 # A publish retried with the same idempotency key within this returns the first result.
@@ -196,7 +201,9 @@ class Broker:
 
     async def epoch(self, channel: ChannelRef) -> str:
         ttl_ms = channel.namespace.max_age_s * 1000 + _EXTRA_TTL_MS
-        epoch = await self._epoch(keys=[channel.meta_key], args=[new_epoch(), ttl_ms])
+        epoch, _ = await self._epoch(
+            keys=[channel.meta_key, channel.stream_key], args=[new_epoch(), ttl_ms]
+        )
         return str(epoch.decode())
 
     async def read(
@@ -213,7 +220,12 @@ class Broker:
         Metadata and range come from one MULTI, so they describe the same moment.
         """
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hmget(channel.meta_key, "epoch", "trimmed")
+            ttl_ms = channel.namespace.max_age_s * 1000 + _EXTRA_TTL_MS
+            await self._epoch(
+                keys=[channel.meta_key, channel.stream_key],
+                args=[new_epoch(), ttl_ms],
+                client=pipe,
+            )
             pipe.xrevrange(channel.stream_key, "+", "-", count=1)
             if after is not None:
                 if reverse:
@@ -224,7 +236,7 @@ class Broker:
                 pipe.xrevrange(channel.stream_key, "+", "-", count=last)
             meta, newest, *rest = await pipe.execute()
         epoch_raw, trimmed_raw = meta
-        epoch = epoch_raw.decode() if epoch_raw else await self.epoch(channel)
+        epoch = epoch_raw.decode()
         entries = rest[0] if rest else []
         if (after is None and last) or (after is not None and reverse):
             entries = entries if reverse else list(reversed(entries))

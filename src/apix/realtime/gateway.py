@@ -206,7 +206,7 @@ class Gateway:
             raise
         recovered = since is None or snapshot.covers(since.offset, since.epoch)
         replay = [e for e in snapshot.events if sub.wants(e.type)] if recovered else []
-        sub.last_offset = (
+        sub.advance(
             snapshot.events[-1].offset if recovered and snapshot.events else snapshot.last_offset
         )
         sub.epoch = snapshot.epoch

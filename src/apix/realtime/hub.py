@@ -45,6 +45,7 @@ class Subscription:
     # While replaying: live (offset, type, frame) held back until the replay is sent.
     buffer: list[tuple[str, str, str]] | None = field(default_factory=list)
     last_offset: str = "0-0"
+    last_key: tuple[int, int] = (0, 0)  # last_offset, parsed: compared on every event
     epoch: str = ""
     # SSE needs its own framing; WebSocket subscribers take the frame as is.
     encode: Callable[[str, str, str, str], str] | None = None
@@ -56,6 +57,10 @@ class Subscription:
 
     def wants(self, event_type: str) -> bool:
         return self.types is None or self.types.match(event_type) is not None
+
+    def advance(self, offset: str, key: tuple[int, int] | None = None) -> None:
+        self.last_offset = offset
+        self.last_key = key if key is not None else offset_key(offset)
 
 
 def compile_filter(patterns: list[str] | None) -> re.Pattern[str] | None:
@@ -161,7 +166,7 @@ class Hub:
                     if sub.on_deliver is not None and offset != "-":
                         sub.on_deliver(sub, offset)
                 if offset != "-":
-                    sub.last_offset = offset
+                    sub.advance(offset)
         return sent
 
     def channel_count(self) -> int:
@@ -216,6 +221,7 @@ class Hub:
             )
             offset_s = "-"
         self.stats.events_in += 1
+        okey = offset_key(offset_s) if kind == b"e" else (0, 0)
         out = 0
         for sub in subs:
             if kind != b"e" and not sub.presence:
@@ -225,7 +231,10 @@ class Hub:
                 sub.buffer.append((offset_s, type_s, text))
                 continue
             if kind == b"e":
-                sub.last_offset = offset_s
+                if okey <= sub.last_key and epoch_s == sub.epoch:
+                    # Already sent by the replay (its announcement arrived late).
+                    continue
+                sub.advance(offset_s, okey)
                 sub.epoch = epoch_s
             if sub.wants(type_s):
                 sub.outbox.push(text)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -14,12 +14,12 @@ from apix.identity.principal import Principal
 from apix.identity.runtime import IdentityRuntime
 
 
-def _runtime(request: Request) -> IdentityRuntime:
+async def _runtime(request: Request) -> IdentityRuntime:
     runtime: IdentityRuntime = request.app.state.identity
     return runtime
 
 
-def _meta(request: Request) -> RequestMeta:
+async def _meta(request: Request) -> RequestMeta:
     return RequestMeta(
         ip=request.client.host if request.client else None,
         user_agent=request.headers.get("user-agent"),
@@ -50,14 +50,14 @@ Meta = Annotated[RequestMeta, Depends(_meta)]
 CurrentPrincipal = Annotated[Principal, Depends(_principal)]
 
 
-def require(permission: str) -> Callable[[Principal], Principal]:
+def require(permission: str) -> Callable[[Principal], Awaitable[Principal]]:
     """A dependency admitting principals that hold ``permission`` (in an organisation, except
     for `platform:*` permissions, which a SUPER_ADMIN holds without one).
 
     Use as ``principal: Annotated[Principal, Depends(require("members:write"))]``.
     """
 
-    def guard(principal: CurrentPrincipal) -> Principal:
+    async def guard(principal: CurrentPrincipal) -> Principal:
         if not principal.can(permission):
             raise Forbidden(f"missing permission {permission}")
         if principal.org_id is None and not permission.startswith("platform:"):

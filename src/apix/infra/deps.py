@@ -11,17 +11,17 @@ from apix.config import Settings
 from apix.infra.database import Database
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def _database(request: Request) -> Database:
+async def _database(request: Request) -> Database:
     database: Database = request.app.state.database
     return database
 
 
-def _redis(request: Request) -> Redis:
+async def _redis(request: Request) -> Redis:
     client: Redis = request.app.state.redis
     return client
 

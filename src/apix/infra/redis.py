@@ -5,19 +5,23 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from apix.config import RedisSettings
 
 
 def create_redis(url: str, settings: RedisSettings) -> Redis:
-    return Redis.from_url(
+    # Blocking: past `max_connections` a command waits for a free connection (up to the
+    # socket timeout) instead of failing, so a burst of connects queues rather than errors.
+    pool = BlockingConnectionPool.from_url(
         url,
         max_connections=settings.max_connections,
+        timeout=settings.socket_timeout_s,
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.socket_timeout_s,
         health_check_interval=30,
     )
+    return Redis.from_pool(pool)
 
 
 async def ping(client: Redis) -> dict[str, Any]:

@@ -163,8 +163,15 @@ class Gateway:
             connection.close(int(message.get("code", KICKED)), "disconnected by an administrator")
 
     async def _save_sessions(self) -> None:
-        """Positions of every session, saved every few seconds (exactly at close)."""
-        await self.sessions.save(c for c in self.connections.values() if c.subscriptions)
+        """Positions of sessions that moved, saved every few seconds (exactly at close)."""
+        changed = []
+        for connection in self.connections.values():
+            positions = [(s.last_offset, s.acked) for s in connection.subscriptions.values()]
+            if positions and positions != connection.saved_positions:
+                connection.saved_positions = positions
+                changed.append(connection)
+        if changed:
+            await self.sessions.save(changed)
 
     async def _message_failed(
         self, channel: ChannelRef, principal: Principal | None, data: dict[str, Any]
@@ -258,6 +265,7 @@ class ClientConnection:
         self.id = f"conn_{secrets.token_hex(12)}"
         self.session = new_session_token()
         self.filters: dict[str, list[str] | None] = {}
+        self.saved_positions: list[tuple[str, str]] = []
         self.principal: Principal | None = None
         self.record: ConnectionRecord | None = None
         self.subscriptions: dict[str, Subscription] = {}
@@ -317,6 +325,8 @@ class ClientConnection:
             message = receiving.result()
             if message["type"] == "websocket.disconnect":
                 self.close_code = self.close_code or message.get("code", 1000)
+                # Nothing more reaches the client: stop advancing its positions now.
+                self.queue.close()
                 closed.set()
                 return
             await self._handle(message)

@@ -32,6 +32,8 @@ log = get_logger(__name__)
 class Outbox(Protocol):
     """Where a subscriber's frames go: a connection's bounded send queue."""
 
+    closed: bool
+
     def push(self, frame: str, *, priority: int = 1) -> None: ...
 
 
@@ -224,7 +226,8 @@ class Hub:
         okey = offset_key(offset_s) if kind == b"e" else (0, 0)
         out = 0
         for sub in subs:
-            if kind != b"e" and not sub.presence:
+            if (kind != b"e" and not sub.presence) or sub.outbox.closed:
+                # A closed connection's positions must stay where its last frame was sent.
                 continue
             text = frame if sub.encode is None else sub.encode(frame, offset_s, epoch_s, type_s)
             if sub.buffer is not None:

@@ -31,7 +31,8 @@ log = get_logger(__name__)
 
 CONTROL_CHANNEL = "apix:control"
 _NODE_TTL_S = 30
-_CONN_TTL_S = 120
+_CONN_TTL_S = 300
+_CONN_REFRESH_S = 60  # connection keys are refreshed this often, the node key every beat
 
 
 def _conn_key(connection_id: str) -> str:
@@ -93,6 +94,7 @@ class Registry:
         self._live: dict[str, ConnectionRecord] = {}
         self._dirty: dict[str, ConnectionRecord] = {}
         self._channels: dict[tuple[uuid.UUID, str], str] = {}  # (org, name) → namespace
+        self._refreshed_at = 0.0
         self._loop = Periodic("apix-registry", min(flush_s, _NODE_TTL_S / 3), self._tick)
 
     async def start(self) -> None:
@@ -192,11 +194,15 @@ class Registry:
 
     async def _beat(self) -> None:
         now = datetime.now(UTC)
+        refresh = now.timestamp() - self._refreshed_at >= _CONN_REFRESH_S
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(_node_key(self.node), int(now.timestamp() * 1000), ex=_NODE_TTL_S)
-            for record in self._live.values():
-                pipe.expire(_conn_key(record.id), _CONN_TTL_S)
+            if refresh:
+                for record in self._live.values():
+                    pipe.expire(_conn_key(record.id), _CONN_TTL_S)
             await pipe.execute()
+        if refresh:
+            self._refreshed_at = now.timestamp()
 
     async def flush(self) -> None:
         dirty, self._dirty = self._dirty, {}

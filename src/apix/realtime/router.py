@@ -37,7 +37,7 @@ _ERRORS = {
 router = api_router(prefix="/api/v1/apix", tags=["realtime"], responses=_ERRORS)
 
 
-def _gateway(request: Request) -> Gateway:
+async def _gateway(request: Request) -> Gateway:
     gateway: Gateway = request.app.state.gateway
     return gateway
 

@@ -46,6 +46,7 @@ class SseOutbox:
         self.limit = limit
         self.wakeup = asyncio.Event()
         self.overflowed = False
+        self.closed = False
 
     def push(self, frame: str, *, priority: int = 1) -> None:
         if self.overflowed:

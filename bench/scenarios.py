@@ -1,0 +1,725 @@
+"""The scenarios of issue 5, each run against every target that supports it.
+
+Every figure that depends on CPU is measured with psutil on the process trees (server,
+APIX's Redis + PostgreSQL as "aux", load generators) over the same window, so a reader can
+tell when the generator, not the server, was the limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import loadgen
+from bench.procs import CpuWindow, HarnessError, Proc, rss_bytes
+from bench.targets import Apix, Target, server_processes
+
+PAD = 32  # bytes of padding in each event's data (~128-byte events on the baselines)
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+@dataclass
+class Context:
+    workdir: Path
+    profile: dict[str, Any]
+    targets: dict[str, Target]
+    results: dict[str, Any]
+    docs_dir: Path
+    keep_dir: Path | None = None  # where raw profiles are kept (bench/results/…)
+    run_counter: int = 0
+    save: Callable[[], None] = field(default=lambda: None)
+
+    def next_run(self) -> int:
+        self.run_counter += 1
+        return self.run_counter
+
+
+# --- one measurement: a publisher at a fixed rate against subscribers already open -------
+
+
+def measure_publish(
+    ctx: Context,
+    target: Target,
+    subs: loadgen.Subscribers,
+    *,
+    rate: float,
+    duration_s: float,
+    channel_prefix: str,
+    channel_count: int,
+    publisher_connections: int = 1,
+    during: Callable[[Proc], None] | None = None,
+) -> dict[str, Any]:
+    run = ctx.next_run()
+    pub = loadgen.publisher(
+        ctx.workdir,
+        f"gen-pub-{run}",
+        {
+            "mode": "pub",
+            "url": target.ws_urls()[:1],
+            "dialect": target.dialect,
+            "token": target.token,
+            "connections": publisher_connections,
+            "channel_prefix": channel_prefix,
+            "channel_count": channel_count,
+            "rate": rate,
+            "duration_s": duration_s,
+            "run": run,
+            "pad": PAD,
+            "sources": ["127.0.0.1"],
+        },
+    )
+    try:
+        open_now = subs.reset(run)
+        server = CpuWindow(target.server_pids()).start()
+        aux = CpuWindow(target.aux_pids()).start()
+        gens = CpuWindow([*subs.pids(), pub.pid]).start()
+        pub.send({"cmd": "go"})
+        if during is not None:
+            during(pub)
+        published = pub.expect("published", duration_s + 60)
+        ok_by_channel: dict[str, int] = published["ok_by_channel"]
+        expected = sum(n * subs.subscribed.get(ch, 0) for ch, n in ok_by_channel.items())
+        subs.drain(expected, max_s=max(10.0, duration_s))
+        server.stop()
+        aux.stop()
+        gens.stop()
+        report = subs.report()
+    finally:
+        pub.stop(timeout=5)
+    delivered = report["received"]
+    # From the first intended send to the last delivery: a backlog stretches the window.
+    seconds = max(published["publish_us"], report["last_us"] - published["t0_us"]) / 1e6
+    offered = rate * subs.connections / max(1, channel_count)
+    row: dict[str, Any] = {
+        "target": target.key,
+        "rate": rate,
+        "duration_s": duration_s,
+        "delivery_window_s": round(seconds, 3),
+        "subscribers_open": open_now,
+        "published_ok": published["ok"],
+        "publish_errors": published["errors"],
+        "publisher_lag_max_ms": round(published["lag_max_us"] / 1000, 3),
+        "publish_ack": loadgen.merged(published["ack"]),
+        "expected": expected,
+        "delivered": delivered,
+        "lost": max(0, expected - delivered),
+        "stray": report["stray"],
+        "closed_early": report["closed_early"],
+        "offered_deliveries_per_s": round(offered, 1),
+        "deliveries_per_s": round(delivered / seconds, 1) if seconds else None,
+        "latency": report["latency"],
+        "frame_bytes": round(report["bytes"] / delivered, 1) if delivered else None,
+        "server_cpu_s": round(server.cpu, 3),
+        "aux_cpu_s": round(aux.cpu, 3),
+        "window_s": round(server.wall, 3),
+        "server_cores": round(server.cpu / server.wall, 3),
+        "generator_cores": round(gens.cpu / gens.wall, 3),
+        "server_us_per_delivery": round(server.cpu * 1e6 / delivered, 2) if delivered else None,
+        "total_us_per_delivery": (
+            round((server.cpu + aux.cpu) * 1e6 / delivered, 2) if delivered else None
+        ),
+        "errors": report["errors"],
+    }
+    p99 = row["latency"]["p99_ms"]
+    row["saturated"] = bool(
+        expected == 0
+        or delivered < 0.98 * expected
+        or published["ok"] < 0.98 * rate * duration_s
+        or (p99 is not None and p99 > 1000)
+        or row["publisher_lag_max_ms"] > 500
+    )
+    log(
+        f"  {target.key:<10} rate {rate:>6}/s: {row['deliveries_per_s']} deliveries/s, "
+        f"p50 {row['latency']['p50_ms']} ms, p99 {p99} ms, lost {row['lost']}, "
+        f"server {row['server_us_per_delivery']} µs/delivery (+aux {row['aux_cpu_s']} s), "
+        f"gen {row['generator_cores']} cores{' SATURATED' if row['saturated'] else ''}"
+    )
+    return row
+
+
+# --- scenarios ------------------------------------------------------------------------------
+
+
+def _with_target(
+    ctx: Context, target: Target, *, processes: int = 1, nodes: int = 1
+) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def run() -> Any:
+        target.start(ctx.workdir, processes=processes, nodes=nodes)
+        try:
+            yield
+        finally:
+            target.stop()
+
+    return run()
+
+
+def held(ctx: Context, targets: list[str]) -> list[dict[str, Any]]:
+    cfg = ctx.profile["held"]
+    rows: list[dict[str, Any]] = []
+    for n in cfg["connections"]:
+        for key in targets:
+            target = ctx.targets[key]
+            procs = server_processes(n)
+            log(f"held: {key}, {n} connections, {procs} server process(es)")
+            try:
+                with _with_target(ctx, target, processes=procs):
+                    time.sleep(1.0)
+                    rss0 = rss_bytes(target.server_pids())
+                    aux0 = rss_bytes(target.aux_pids())
+                    subs = loadgen.Subscribers(
+                        ctx.workdir,
+                        urls=target.ws_urls(),
+                        dialect=target.dialect,
+                        token=target.token,
+                        connections=n,
+                        channel_prefix="room:held",
+                        channel_count=max(1, n // 100),
+                    )
+                    try:
+                        server = CpuWindow(target.server_pids()).start()
+                        opened = subs.open(timeout=max(120, n / 50))
+                        server.stop()
+                        time.sleep(2.0)
+                        rss1 = rss_bytes(target.server_pids())
+                        aux1 = rss_bytes(target.aux_pids())
+                        idle = CpuWindow(target.server_pids()).start()
+                        idle_aux = CpuWindow(target.aux_pids()).start()
+                        gen_idle = CpuWindow(subs.pids()).start()
+                        time.sleep(cfg["idle_s"])
+                        idle.stop()
+                        idle_aux.stop()
+                        gen_idle.stop()
+                        still_open = subs.reset(0)
+                    finally:
+                        subs.close()
+            except HarnessError as exc:
+                log(f"  {key}: FAILED {exc}")
+                rows.append({"target": key, "connections": n, "error": str(exc)})
+                continue
+            ok = opened["ok"]
+            row = {
+                "target": key,
+                "connections": n,
+                "server_processes": procs,
+                "opened": ok,
+                "failed": opened["failed"],
+                "open_errors": opened["errors"],
+                "open_s": opened["seconds"],
+                "connects_per_s": opened["connects_per_s"],
+                "connect_server_cpu_us": round(server.cpu * 1e6 / ok, 1) if ok else None,
+                "rss_idle_mib": round(rss0 / 2**20, 1),
+                "rss_mib": round(rss1 / 2**20, 1),
+                "kib_per_connection": round((rss1 - rss0) / 1024 / ok, 2) if ok else None,
+                "aux_kib_per_connection": round((aux1 - aux0) / 1024 / ok, 2) if ok else None,
+                "idle_s": cfg["idle_s"],
+                "idle_server_cores": round(idle.cpu / idle.wall, 4),
+                "idle_aux_cores": round(idle_aux.cpu / idle_aux.wall, 4),
+                "idle_generator_cores": round(gen_idle.cpu / gen_idle.wall, 4),
+                "still_open": still_open,
+            }
+            log(
+                f"  {key}: opened {ok}/{n} in {row['open_s']} s ({row['connects_per_s']}/s), "
+                f"{row['kib_per_connection']} KiB/conn, idle {row['idle_server_cores']} cores"
+            )
+            rows.append(row)
+            ctx.results.setdefault("held", []).append(row)
+            ctx.save()
+    return rows
+
+
+def _fanout_series(
+    ctx: Context,
+    target: Target,
+    *,
+    subscribers: int,
+    channels: int,
+    prefix: str,
+    rates: list[float],
+    duration_s: float,
+    sweep: bool,
+    nodes: int = 1,
+    publisher_connections: int = 1,
+) -> dict[str, Any]:
+    """Open the subscribers once, then publish at each rate (stopping after saturation)."""
+    series: dict[str, Any] = {
+        "target": target.key,
+        "subscribers": subscribers,
+        "channels": channels,
+        "nodes": nodes,
+        "points": [],
+    }
+    with _with_target(ctx, target, processes=1, nodes=nodes):
+        subs = loadgen.Subscribers(
+            ctx.workdir,
+            urls=target.ws_urls(),
+            dialect=target.dialect,
+            token=target.token,
+            connections=subscribers,
+            channel_prefix=prefix,
+            channel_count=channels,
+            processes=max(2, math.ceil(subscribers / loadgen.PER_PROCESS)),
+        )
+        try:
+            series["open"] = subs.open(timeout=max(120, subscribers / 50))
+            if series["open"]["ok"] < subscribers:
+                log(f"  {target.key}: only {series['open']['ok']}/{subscribers} subscribed")
+            time.sleep(1.0)
+            for rate in rates:
+                point = measure_publish(
+                    ctx,
+                    target,
+                    subs,
+                    rate=rate,
+                    duration_s=duration_s,
+                    channel_prefix=prefix,
+                    channel_count=channels,
+                    publisher_connections=publisher_connections,
+                )
+                series["points"].append(point)
+                if sweep and point["saturated"]:
+                    break
+                time.sleep(1.0)
+        finally:
+            subs.close()
+    return series
+
+
+def fanout(ctx: Context, targets: list[str]) -> None:
+    for cfg in ctx.profile["fanout"]:
+        for key in targets:
+            log(f"fan-out: {key}, {cfg['subscribers']} subscribers on one channel")
+            try:
+                series = _fanout_series(
+                    ctx,
+                    ctx.targets[key],
+                    subscribers=cfg["subscribers"],
+                    channels=1,
+                    prefix="room:bench",
+                    rates=cfg["rates"],
+                    duration_s=cfg["duration_s"],
+                    sweep=cfg["sweep"],
+                )
+            except HarnessError as exc:
+                log(f"  {key}: FAILED {exc}")
+                series = {"target": key, "subscribers": cfg["subscribers"], "error": str(exc)}
+            ctx.results.setdefault("fanout", []).append(series)
+            ctx.save()
+
+
+def many(ctx: Context, targets: list[str]) -> None:
+    cfg = ctx.profile["many"]
+    for key in targets:
+        log(f"many channels: {key}, {cfg['connections']} connections over {cfg['channels']}")
+        try:
+            series = _fanout_series(
+                ctx,
+                ctx.targets[key],
+                subscribers=cfg["connections"],
+                channels=cfg["channels"],
+                prefix="room:many",
+                rates=cfg["rates"],
+                duration_s=cfg["duration_s"],
+                sweep=False,
+                publisher_connections=4,
+            )
+        except HarnessError as exc:
+            log(f"  {key}: FAILED {exc}")
+            series = {"target": key, "error": str(exc)}
+        ctx.results.setdefault("many", []).append(series)
+        ctx.save()
+
+
+def two_nodes(ctx: Context, targets: list[str]) -> None:
+    if "apix" not in targets:
+        return
+    cfg = ctx.profile["two_nodes"]
+    for nodes in (1, 2):
+        log(f"two nodes: APIX on {nodes} node(s), {cfg['subscribers']} subscribers")
+        try:
+            series = _fanout_series(
+                ctx,
+                ctx.targets["apix"],
+                subscribers=cfg["subscribers"],
+                channels=1,
+                prefix="room:nodes",
+                rates=cfg["rates"],
+                duration_s=cfg["duration_s"],
+                sweep=False,
+                nodes=nodes,
+            )
+        except HarnessError as exc:
+            log(f"  FAILED {exc}")
+            series = {"target": "apix", "nodes": nodes, "error": str(exc)}
+        ctx.results.setdefault("two_nodes", []).append(series)
+        ctx.save()
+
+
+def http_publish(ctx: Context, targets: list[str]) -> None:
+    cfg = ctx.profile["http"]
+    for key in targets:
+        target = ctx.targets[key]
+        if not target.http_publish:
+            continue
+        log(f"HTTP publish: {key}, concurrency {cfg['concurrency']}")
+        try:
+            with _with_target(ctx, target):
+                run = ctx.next_run()
+                url, headers = target.http_url("room:http")
+                gen = loadgen.publisher(
+                    ctx.workdir,
+                    f"gen-http-{run}",
+                    {
+                        "mode": "http",
+                        "http_url": url,
+                        "headers": headers,
+                        "concurrency": cfg["concurrency"],
+                        "duration_s": cfg["duration_s"],
+                        "run": run,
+                        "pad": PAD,
+                    },
+                )
+                try:
+                    server = CpuWindow(target.server_pids()).start()
+                    aux = CpuWindow(target.aux_pids()).start()
+                    gens = CpuWindow([gen.pid]).start()
+                    gen.send({"cmd": "go"})
+                    result = gen.expect("published", cfg["duration_s"] + 60)
+                    server.stop()
+                    aux.stop()
+                    gens.stop()
+                finally:
+                    gen.stop(timeout=5)
+        except HarnessError as exc:
+            log(f"  {key}: FAILED {exc}")
+            ctx.results.setdefault("http", []).append({"target": key, "error": str(exc)})
+            continue
+        seconds = result["elapsed_us"] / 1e6
+        ok = result["ok"]
+        row = {
+            "target": key,
+            "concurrency": cfg["concurrency"],
+            "duration_s": cfg["duration_s"],
+            "ok": ok,
+            "statuses": result["statuses"],
+            "errors": result["errors"],
+            "events_per_s": round(ok / seconds, 1),
+            "latency": loadgen.merged(result["latency"]),
+            "server_cores": round(server.cpu / server.wall, 3),
+            "aux_cores": round(aux.cpu / aux.wall, 3),
+            "server_us_per_event": round(server.cpu * 1e6 / ok, 1) if ok else None,
+            "total_us_per_event": round((server.cpu + aux.cpu) * 1e6 / ok, 1) if ok else None,
+            "generator_cores": round(gens.cpu / gens.wall, 3),
+        }
+        log(
+            f"  {key}: {row['events_per_s']} events/s, p50 {row['latency']['p50_ms']} ms, "
+            f"p99 {row['latency']['p99_ms']} ms, server {row['server_us_per_event']} µs/event"
+        )
+        ctx.results.setdefault("http", []).append(row)
+        ctx.save()
+
+
+def _pyspy() -> str | None:
+    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return found if Path(found).exists() else None
+
+
+def _record(pid: int, seconds: float, raw: Path, svg: Path) -> list[str]:
+    """py-spy, non-blocking, 250 Hz: collapsed stacks and a flame graph of the same window."""
+    pyspy = _pyspy()
+    assert pyspy is not None
+    common = ["record", "--pid", str(pid), "--rate", "250", "--nonblocking"]
+    common += ["--duration", str(int(seconds))]
+    runs = [
+        subprocess.Popen(
+            [pyspy, *common, "--format", fmt, "--output", str(path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for fmt, path in (("raw", raw), ("flamegraph", svg))
+    ]
+    errors = []
+    for run in runs:
+        try:
+            _, err = run.communicate(timeout=seconds + 60)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            _, err = run.communicate()
+        if run.returncode != 0:
+            errors.append(err[-500:])
+    return errors
+
+
+def profile(ctx: Context, targets: list[str]) -> None:
+    """py-spy on APIX's gateway process: fan-out at saturation, HTTP publish, connects.
+
+    Each gives a flame graph in docs/ and a self/inclusive top list in the results.
+    """
+    if "apix" not in targets:
+        return
+    if _pyspy() is None:
+        log("profile: py-spy not installed (pip install py-spy); skipped")
+        return
+    cfg = ctx.profile["profile"]
+    target = ctx.targets["apix"]
+    seconds = cfg["seconds"]
+    out: dict[str, Any] = {}
+    ctx.results["profile"] = out
+    raw_dir = ctx.keep_dir or ctx.workdir
+    raw_dir.mkdir(parents=True, exist_ok=True)
+
+    def finish(name: str, info: dict[str, Any], raw: Path, svg: Path) -> None:
+        if raw.exists():
+            info.update(summarise_profile(raw.read_text()))
+        info["flamegraph"] = svg.name if svg.exists() else None
+        out[name] = info
+        ctx.save()
+
+    # 1. Fan-out at saturation.
+    raw, svg = raw_dir / "fanout.pyspy.txt", ctx.docs_dir / "apix-fanout-flame.svg"
+    info: dict[str, Any] = {"rate": cfg["rate"], "subscribers": cfg["subscribers"]}
+
+    def during_factory(info: dict[str, Any], raw: Path, svg: Path) -> Callable[[Proc], None]:
+        def during(_pub: Proc) -> None:
+            time.sleep(1.0)
+            info["errors"] = _record(target.worker_pids()[0], seconds, raw, svg)
+
+        return during
+
+    log(f"profile: APIX fan-out, {cfg['subscribers']} subscribers at {cfg['rate']}/s, py-spy")
+    try:
+        with _with_target(ctx, target):
+            subs = loadgen.Subscribers(
+                ctx.workdir,
+                urls=target.ws_urls(),
+                dialect=target.dialect,
+                token=target.token,
+                connections=cfg["subscribers"],
+                channel_prefix="room:profile",
+                channel_count=1,
+                processes=2,
+            )
+            try:
+                subs.open()
+                info["point"] = measure_publish(
+                    ctx,
+                    target,
+                    subs,
+                    rate=cfg["rate"],
+                    duration_s=seconds + 3,
+                    channel_prefix="room:profile",
+                    channel_count=1,
+                    during=during_factory(info, raw, svg),
+                )
+            finally:
+                subs.close()
+    except HarnessError as exc:
+        log(f"  FAILED {exc}")
+        info["errors"] = [str(exc)]
+    finish("fanout", info, raw, svg)
+
+    # 2. Many channels: the per-event (publish) path, amortised over few subscribers.
+    many_cfg = ctx.profile["many"]
+    raw, svg = raw_dir / "publish.pyspy.txt", ctx.docs_dir / "apix-publish-flame.svg"
+    info = {
+        "rate": many_cfg["rates"][-1],
+        "connections": many_cfg["connections"],
+        "channels": many_cfg["channels"],
+    }
+    log(f"profile: APIX many channels at {info['rate']}/s, py-spy")
+    try:
+        with _with_target(ctx, target):
+            subs = loadgen.Subscribers(
+                ctx.workdir,
+                urls=target.ws_urls(),
+                dialect=target.dialect,
+                token=target.token,
+                connections=many_cfg["connections"],
+                channel_prefix="room:profile-many",
+                channel_count=many_cfg["channels"],
+            )
+            try:
+                subs.open()
+                info["point"] = measure_publish(
+                    ctx,
+                    target,
+                    subs,
+                    rate=info["rate"],
+                    duration_s=seconds + 3,
+                    channel_prefix="room:profile-many",
+                    channel_count=many_cfg["channels"],
+                    publisher_connections=4,
+                    during=during_factory(info, raw, svg),
+                )
+            finally:
+                subs.close()
+    except HarnessError as exc:
+        log(f"  FAILED {exc}")
+        info["errors"] = [str(exc)]
+    finish("publish", info, raw, svg)
+
+    # 3. Connects + subscribes (the connection storm).
+    raw, svg = raw_dir / "connect.pyspy.txt", ctx.docs_dir / "apix-connect-flame.svg"
+    info = {"connections": cfg["connect_connections"]}
+    log(f"profile: APIX connects, {cfg['connect_connections']} connections, py-spy")
+    try:
+        with _with_target(ctx, target):
+            subs = loadgen.Subscribers(
+                ctx.workdir,
+                urls=target.ws_urls(),
+                dialect=target.dialect,
+                token=target.token,
+                connections=cfg["connect_connections"],
+                channel_prefix="room:profile-connect",
+                channel_count=max(1, cfg["connect_connections"] // 100),
+            )
+            try:
+                recorder = threading.Thread(
+                    target=lambda: info.update(
+                        errors=_record(target.worker_pids()[0], seconds, raw, svg)
+                    )
+                )
+                recorder.start()
+                info["open"] = subs.open()
+                recorder.join(timeout=seconds + 90)
+            finally:
+                subs.close()
+    except HarnessError as exc:
+        log(f"  FAILED {exc}")
+        info["errors"] = [str(exc)]
+    finish("connect", info, raw, svg)
+
+    # 4. HTTP publish at concurrency 32.
+    raw, svg = raw_dir / "http.pyspy.txt", ctx.docs_dir / "apix-http-publish-flame.svg"
+    info = {"concurrency": ctx.profile["http"]["concurrency"]}
+    log("profile: APIX HTTP publish, py-spy")
+    try:
+        with _with_target(ctx, target):
+            url, headers = target.http_url("room:http")
+            gen = loadgen.publisher(
+                ctx.workdir,
+                "gen-http-profile",
+                {
+                    "mode": "http",
+                    "http_url": url,
+                    "headers": headers,
+                    "concurrency": info["concurrency"],
+                    "duration_s": seconds + 3,
+                    "run": ctx.next_run(),
+                    "pad": PAD,
+                },
+            )
+            try:
+                gen.send({"cmd": "go"})
+                time.sleep(1.0)
+                info["errors"] = _record(target.worker_pids()[0], seconds, raw, svg)
+                result = gen.expect("published", seconds + 60)
+                info["events_per_s"] = round(result["ok"] / (result["elapsed_us"] / 1e6), 1)
+            finally:
+                gen.stop(timeout=5)
+    except HarnessError as exc:
+        log(f"  FAILED {exc}")
+        info["errors"] = [str(exc)]
+    finish("http", info, raw, svg)
+
+
+# Frames every stack passes through (interpreter, CLI, event loop): not hot spots.
+_ROOTS = (
+    "runpy",
+    "typer/",
+    "_click/",
+    "apix/cli.py",
+    "apix/__main__.py",
+    "uvicorn/main.py",
+    "uvicorn/server.py",
+    "uvicorn/_compat.py",
+    "asyncio/runners.py",
+    "asyncio/base_events.py",
+    "asyncio/events.py",
+)
+
+
+# APIX frames every gateway stack passes through.
+_APIX_ENTRY = ("apix/cli.py", "apix/__main__.py", "_WebSocketEndpoint", "Gateway.__call__")
+
+
+def summarise_profile(text: str, top: int = 15) -> dict[str, Any]:
+    """Self and inclusive sample shares per function (and self per line) from py-spy's
+    collapsed stacks; `inclusive_apix` counts APIX's own functions only."""
+    selfs: dict[str, int] = {}
+    lines: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    incl_apix: dict[str, int] = {}
+    total = 0
+    for line in text.splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not stack or not count_s.isdigit():
+            continue
+        count = int(count_s)
+        total += count
+        raw_frames = stack.split(";")
+        frames = [_frame_name(f) for f in raw_frames]
+        selfs[frames[-1]] = selfs.get(frames[-1], 0) + count
+        leaf = _frame_name(raw_frames[-1], with_line=True)
+        lines[leaf] = lines.get(leaf, 0) + count
+        for name in set(frames):
+            if not any(root in name for root in _ROOTS):
+                incl[name] = incl.get(name, 0) + count
+        for name in {_frame_name(f) for f in raw_frames if _is_apix(f)}:
+            if not any(skip in name for skip in _APIX_ENTRY):
+                incl_apix[name] = incl_apix.get(name, 0) + count
+
+    def ranked(d: dict[str, int]) -> list[dict[str, Any]]:
+        best = sorted(d.items(), key=lambda kv: kv[1], reverse=True)[:top]
+        return [{"function": k, "share": round(v / total, 4)} for k, v in best]
+
+    return {
+        "samples": total,
+        "self": ranked(selfs),
+        "self_lines": ranked(lines),
+        "inclusive": ranked(incl),
+        "inclusive_apix": ranked(incl_apix),
+    }
+
+
+def _is_apix(frame: str) -> bool:
+    where = frame.partition(" (")[2]
+    return where.startswith("apix/") or "/apix/" in where
+
+
+def _frame_name(frame: str, *, with_line: bool = False) -> str:
+    # "function (path/to/module.py:123)" -> "function (pkg/module.py)" [":123"]
+    name, _, where = frame.partition(" (")
+    path, _, lineno = where.rstrip(")").rpartition(":")
+    short = "/".join(path.split("/")[-2:]) if path else "?"
+    return f"{name} ({short}:{lineno})" if with_line else f"{name} ({short})"
+
+
+SCENARIO_FUNCS: dict[str, Callable[[Context, list[str]], Any]] = {
+    "held": held,
+    "fanout": fanout,
+    "many": many,
+    "http": http_publish,
+    "two_nodes": two_nodes,
+    "profile": profile,
+}
+
+
+def apix_target(ctx: Context) -> Apix:
+    target = ctx.targets["apix"]
+    assert isinstance(target, Apix)
+    return target

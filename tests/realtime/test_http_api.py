@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -246,7 +247,12 @@ async def test_presence_over_http_lists_the_channels_presence_members(
         # Another tenant's same-named channel has nobody.
         other = (await client.get(presence_url(channel), headers=beta.headers)).json()
         assert other == {"clients": []}
-    after = (await client.get(presence_url(channel), headers=alpha.headers)).json()
+    # The server notices the close asynchronously: give it a moment.
+    for _ in range(40):
+        after = (await client.get(presence_url(channel), headers=alpha.headers)).json()
+        if after == {"clients": []}:
+            break
+        await asyncio.sleep(0.05)
     assert after == {"clients": []}
 
 

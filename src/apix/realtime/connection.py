@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from apix.core.logging import get_logger
 
@@ -18,6 +19,12 @@ log = get_logger(__name__)
 
 SendText = Callable[[str], Awaitable[None]]
 OnOverflow = Callable[[], None]
+
+
+class DirectWriter(Protocol):
+    def write_frame(self, frame: bytes) -> bool: ...
+
+    def buffered(self) -> int: ...
 
 
 class SendQueue:
@@ -28,13 +35,17 @@ class SendQueue:
         "_limit",
         "_on_overflow",
         "_pending",
+        "_sending",
         "_wakeup",
         "closed",
+        "direct",
         "empty",
         "size",
     )
 
-    def __init__(self, limit_bytes: int, on_overflow: OnOverflow) -> None:
+    def __init__(
+        self, limit_bytes: int, on_overflow: OnOverflow, direct: DirectWriter | None = None
+    ) -> None:
         self._frames: deque[str] = deque()
         self._limit = limit_bytes
         self._on_overflow = on_overflow
@@ -44,9 +55,25 @@ class SendQueue:
         self.closed = False
         self.empty = asyncio.Event()  # set whenever everything queued has been sent
         self.empty.set()
+        self._sending = False
+        # The fast path: write pre-built frames straight to the socket while nothing is
+        # queued or in flight (order is kept: anything queued goes first, by the writer).
+        self.direct = direct
 
-    def push(self, frame: str, *, priority: int = 1) -> None:
+    def push(self, frame: str, *, wire: bytes | None = None, priority: int = 1) -> None:
         if self.closed:
+            return
+        direct = self.direct
+        if (
+            wire is not None
+            and direct is not None
+            and not self._frames
+            and not self._sending
+            and direct.write_frame(wire)
+        ):
+            if direct.buffered() > self._limit:
+                self.closed = True
+                self._on_overflow()
             return
         self._frames.append(frame)
         self.size += len(frame)
@@ -81,7 +108,11 @@ class SendQueue:
             while frames and not self.closed:
                 frame = frames.popleft()
                 self.size -= len(frame)
-                await send(frame)
+                self._sending = True
+                try:
+                    await send(frame)
+                finally:
+                    self._sending = False
             if not frames:
                 self.empty.set()
 

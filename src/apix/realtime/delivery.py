@@ -101,6 +101,10 @@ class Sessions:
             subscriptions=[SavedSubscription(**s) for s in data["subscriptions"]],
         )
 
+    async def save_snapshot(self, token: str, snapshot: bytes) -> None:
+        """Save a session captured at close (its positions exact), for the resume window."""
+        await self.redis.set(_session_key(token), snapshot, ex=self.window_s)
+
     async def save(self, connections: Iterable[ClientConnection], *, closing: bool = False) -> None:
         # While connected a session must outlive a node crash by the resume window.
         ttl = self.window_s + (0 if closing else int(_POSITION_SAVE_S) * 3)
@@ -108,11 +112,11 @@ class Sessions:
             for connection in connections:
                 if connection.principal is None:
                     continue
-                pipe.set(_session_key(connection.session), _snapshot(connection), ex=ttl)
+                pipe.set(_session_key(connection.session), snapshot(connection), ex=ttl)
             await pipe.execute()
 
 
-def _snapshot(connection: ClientConnection) -> bytes:
+def snapshot(connection: ClientConnection) -> bytes:
     principal = connection.principal
     assert principal is not None  # noqa: S101
     return dumps(

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from aiolimiter import AsyncLimiter
 from limits import RateLimitItemPerSecond
 from limits.storage import MemoryStorage
 from limits.strategies import FixedWindowRateLimiter
@@ -51,6 +52,7 @@ from apix.realtime.broker import Broker, Snapshot, StoredEvent, event_frame
 from apix.realtime.channels import ChannelRef
 from apix.realtime.connection import SendQueue, run_writer
 from apix.realtime.delivery import Redelivery, Sessions, new_session_token, offset_before
+from apix.realtime.delivery import snapshot as session_snapshot
 from apix.realtime.hub import Hub, Subscription, compile_filter
 from apix.realtime.presence import Presence
 from apix.realtime.registry import CONTROL_CHANNEL, ConnectionRecord, Registry
@@ -69,6 +71,7 @@ from apix.realtime.schemas import (
     SubscribeCommand,
     UnsubscribeCommand,
 )
+from apix.realtime.transport import RAW_EXTENSION, ApixWebSocketProtocol
 
 log = get_logger(__name__)
 
@@ -89,6 +92,7 @@ TOO_LARGE = 1009
 
 _SESSION_SAVE_S = 5.0
 _FLUSH_TIMEOUT_S = 1.0
+_CLOSE_TIMEOUT_S = 5.0
 
 # Gateways alive in this process, so the server can close their sockets with 4500 first.
 ACTIVE: weakref.WeakSet[Gateway] = weakref.WeakSet()
@@ -269,7 +273,13 @@ class ClientConnection:
         self.principal: Principal | None = None
         self.record: ConnectionRecord | None = None
         self.subscriptions: dict[str, Subscription] = {}
-        self.queue = SendQueue(self.config.send_buffer_bytes, self._overflow)
+        raw = scope.get("extensions", {}).get(RAW_EXTENSION)
+        self.raw: ApixWebSocketProtocol | None = raw["protocol"] if raw else None
+        self.queue = SendQueue(self.config.send_buffer_bytes, self._overflow, self.raw)
+        # Commands: `commands_per_second` sustained, bursts up to `command_burst`.
+        self._commands = AsyncLimiter(
+            self.config.command_burst, self.config.command_burst / self.config.commands_per_second
+        )
         self._writer: asyncio.Task[None] | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._ping_ts: int | None = None
@@ -278,6 +288,7 @@ class ClientConnection:
         self._closed = asyncio.Event()
         self.finished = asyncio.Event()
         self._closing: asyncio.Future[None] | None = None
+        self._background: asyncio.Future[None] | None = None
         self.close_code: int | None = None
         self._limited_in_a_row = 0
 
@@ -306,9 +317,15 @@ class ClientConnection:
             await self._cleanup()
             if self._closing is not None:
                 # Returning before the close frame is out would let the server drop the
-                # socket without it (the client would see 1006, not the close code).
-                with contextlib.suppress(Exception):
-                    await self._closing
+                # socket without it (the client would see 1006, not the close code). A
+                # client that never reads again cannot hold the socket open, though.
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._closing), _CLOSE_TIMEOUT_S)
+                except TimeoutError:
+                    if self.raw is not None:
+                        self.raw.transport.abort()
+                except Exception:  # noqa: S110 - the socket is gone either way
+                    pass
             self.finished.set()
 
     async def _read_loop(self) -> None:
@@ -372,14 +389,21 @@ class ClientConnection:
 
     async def _cleanup(self) -> None:
         self.close(self.close_code or 1000)
+        if self._closing is None:
+            # The client closed first, so close() had nothing to do: stop the writer here.
+            self.queue.close()
+            if self._writer is not None:
+                self._writer.cancel()
         gateway = self.gateway
         gateway.connections.pop(self.id, None)
-        if self.principal is not None:
-            # Exact positions for a resume within the window.
-            with contextlib.suppress(Exception):
-                await gateway.sessions.save([self], closing=True)
+        # Exact positions for a resume within the window, captured before the subscriptions
+        # go (presence leaves are announced first; the session is written after).
+        saved = session_snapshot(self) if self.principal is not None else None
         for sub in list(self.subscriptions.values()):
             await self._drop_subscription(sub, announce=False)
+        if saved is not None:
+            with contextlib.suppress(Exception):
+                await gateway.sessions.save_snapshot(self.session, saved)
         if self.record is not None and self.principal is not None:
             with contextlib.suppress(Exception):
                 await gateway.registry.disconnected(self.record, self.close_code or 1000)
@@ -418,7 +442,7 @@ class ClientConnection:
             self._error(command_id, "unauthorized", "the first command must be connect")
             self.close(UNAUTHORIZED, "unauthorized", flush=True)
             return
-        if self.principal is not None and not self._admit(command_id):
+        if self.principal is not None and not await self._admit(command_id):
             return
         try:
             command = _commands.validate_python(frame)
@@ -439,18 +463,17 @@ class ClientConnection:
         if self._bad_frames >= 3:
             self.close(PROTOCOL_ERROR, "protocol error", flush=True)
 
-    def _admit(self, command_id: int | str | None) -> bool:
-        """Commands per connection: `commands_per_second`, bursts up to `command_burst`."""
-        config = self.config
-        burst = RateLimitItemPerSecond(config.command_burst, 2)
-        steady = RateLimitItemPerSecond(config.commands_per_second * 2, 2)
-        limiter = self.gateway.limiter
-        if limiter.hit(burst, self.id, "b") and limiter.hit(steady, self.id, "s"):
+    async def _admit(self, command_id: int | str | None) -> bool:
+        """Commands per connection: a leaky bucket of `command_burst`, draining at
+        `commands_per_second`. Past it, a command gets `rate_limited`; a client that keeps
+        going for a whole burst's worth of refusals is closed with 4029."""
+        if self._commands.has_capacity():
+            await self._commands.acquire()  # returns at once: there is capacity
             self._limited_in_a_row = 0
             return True
         self._limited_in_a_row += 1
         self._error(command_id, "rate_limited", "too many commands; slow down")
-        if self._limited_in_a_row >= config.command_burst:
+        if self._limited_in_a_row >= self.config.command_burst:
             self.close(RATE_LIMITED, "rate limited", flush=True)
         return False
 
@@ -593,6 +616,8 @@ class ClientConnection:
                     {"channel": s.channel, "recovered": False, "replayed": 0, "error": exc.code}
                 )
                 continue
+            if each[0].presence:
+                await self.gateway.presence.join(each[0].channel, self._member(), each[1].epoch)
             opened.append(each)
             restored.append(
                 {"channel": each[0].channel.name, "recovered": each[2], "replayed": len(each[3])}
@@ -618,9 +643,12 @@ class ClientConnection:
             since=command.since,
             last=command.last,
         )
+        sub, snapshot, recovered, replay = opened
+        if sub.presence:
+            # Listed by the time the subscription is confirmed.
+            await self.gateway.presence.join(sub.channel, self._member(), snapshot.epoch)
         # From here to go_live nothing awaits: the replay and the live events buffered
         # meanwhile are merged in offset order before any later event is dispatched.
-        sub, snapshot, recovered, replay = opened
         self._reply(
             command.id,
             {
@@ -696,8 +724,6 @@ class ClientConnection:
         self.record.channels = sorted(self.subscriptions)
         await gateway.registry.update_live(self.record)
         await gateway.registry.subscribed(sub.channel, self.id, True)
-        if sub.presence:
-            await gateway.presence.join(sub.channel, self._member(), epoch)
         await gateway.sessions.save([self])
         await self._monitor(
             "subscription.added", {"connection_id": self.id, "channel": sub.channel.name}
@@ -820,7 +846,8 @@ class ClientConnection:
         if self.record is not None:
             self.record.rtt_ms = round((time.monotonic() - self._ping_sent) * 1000, 3)
             self.record.last_heartbeat_at = datetime.now(UTC)
-            self.gateway.registry.touched(self.record)
+            # The connection list reads the live state: show the measured latency there.
+            self._background = asyncio.ensure_future(self.gateway.registry.update_live(self.record))
         self._schedule_ping()
 
     def _schedule_expiry(self) -> None:

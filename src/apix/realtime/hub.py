@@ -25,6 +25,7 @@ from apix.core.json import loads
 from apix.core.logging import get_logger
 from apix.realtime.broker import event_frame, offset_key
 from apix.realtime.channels import ChannelRef
+from apix.realtime.transport import text_frame
 
 log = get_logger(__name__)
 
@@ -34,7 +35,7 @@ class Outbox(Protocol):
 
     closed: bool
 
-    def push(self, frame: str, *, priority: int = 1) -> None: ...
+    def push(self, frame: str, *, wire: bytes | None = None, priority: int = 1) -> None: ...
 
 
 @dataclass(eq=False)
@@ -224,6 +225,7 @@ class Hub:
             offset_s = "-"
         self.stats.events_in += 1
         okey = offset_key(offset_s) if kind == b"e" else (0, 0)
+        wire: bytes | None = None  # the WebSocket frame, built once for every subscriber
         out = 0
         for sub in subs:
             if (kind != b"e" and not sub.presence) or sub.outbox.closed:
@@ -240,7 +242,12 @@ class Hub:
                 sub.advance(offset_s, okey)
                 sub.epoch = epoch_s
             if sub.wants(type_s):
-                sub.outbox.push(text)
+                if sub.encode is None:
+                    if wire is None:
+                        wire = text_frame(frame.encode())
+                    sub.outbox.push(text, wire=wire)
+                else:
+                    sub.outbox.push(text)
                 out += 1
                 if sub.on_deliver is not None and kind == b"e":
                     sub.on_deliver(sub, offset_s)

@@ -48,7 +48,7 @@ class SseOutbox:
         self.overflowed = False
         self.closed = False
 
-    def push(self, frame: str, *, priority: int = 1) -> None:
+    def push(self, frame: str, *, wire: bytes | None = None, priority: int = 1) -> None:
         if self.overflowed:
             return
         self.frames.append(frame)

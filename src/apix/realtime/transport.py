@@ -1,19 +1,62 @@
 """The WebSocket protocol implementation APIX runs on uvicorn.
 
-uvicorn's sans-I/O `websockets` protocol, with one change: when the node shuts down, open
-WebSockets are closed with 4500 ("node shutting down: reconnect at once, to another node")
-instead of 1012, as PROTOCOL.md section 9 requires. Selected with
-``uvicorn.Config(ws="apix.realtime.transport:ApixWebSocketProtocol")``.
+uvicorn's sans-I/O `websockets` protocol, with two additions:
+- when the node shuts down, open WebSockets are closed with 4500 ("node shutting down:
+  reconnect at once, to another node") instead of 1012, as PROTOCOL.md section 9 requires;
+- the fan-out fast path: the ASGI scope carries the protocol under
+  `extensions["apix.raw"]`, so the gateway can write an event's WebSocket frame, built once
+  per event, straight to every idle subscriber's transport (`write_frame`), instead of
+  encoding and framing the same text again per subscriber through the ASGI `send`.
+Selected with ``uvicorn.Config(ws="apix.realtime.transport:ApixWebSocketProtocol")``.
 """
 
 from __future__ import annotations
 
+import struct
+
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.http11 import Request
 
 SHUTTING_DOWN = 4500
+RAW_EXTENSION = "apix.raw"
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A final, unmasked, uncompressed text frame (RFC 6455 section 5.2) around ``payload``.
+
+    Sent without compression even when permessage-deflate was negotiated: RFC 7692 lets
+    any message go uncompressed (RSV1 clear), and it does not touch the deflate context.
+    """
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 65536:
+        return struct.pack("!BBH", 0x81, 126, size) + payload
+    return struct.pack("!BBQ", 0x81, 127, size) + payload
 
 
 class ApixWebSocketProtocol(WebSocketsSansIOProtocol):
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope["extensions"][RAW_EXTENSION] = {"protocol": self}
+
+    def write_frame(self, frame: bytes) -> bool:
+        """Write a pre-built frame now, if the socket is open and not applying backpressure."""
+        if (
+            self.close_sent
+            or not self.handshake_complete
+            or not self.writable.is_set()
+            or self.transport.is_closing()
+        ):
+            return False
+        self.transport.write(frame)
+        return True
+
+    def buffered(self) -> int:
+        return int(self.transport.get_write_buffer_size())
+
     def shutdown(self) -> None:
         if self.close_sent or not self.handshake_complete:
             super().shutdown()

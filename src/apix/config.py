@@ -40,10 +40,10 @@ class ServerSettings(BaseModel):
         1_048_576, gt=0, description="Largest request body accepted; larger bodies get 413."
     )
     allowed_origins: list[str] = Field(
-        default_factory=list,
+        default_factory=lambda: ["*"],
         description="Origins browsers may call the API from (CORS) and open WebSockets "
-        'from; a JSON list, e.g. `["https://app.example.com"]`. Empty: no CORS headers, '
-        "and WebSocket upgrades from any origin (tokens, not cookies, authenticate).",
+        'from; a JSON list, e.g. `["https://app.example.com"]`; `"*"` allows any (tokens, '
+        "not cookies, authenticate). Empty: no cross-origin access at all.",
     )
 
 

@@ -182,6 +182,35 @@ async def test_upgrade_from_an_origin_not_allowed_is_refused_with_403(servers: S
             await still_open(raw)
 
 
+async def test_no_allowed_origins_means_no_browser_origin_and_no_cors(servers: Servers) -> None:
+    async with node(servers, server={"allowed_origins": []}) as n:
+        admin = await new_org_admin(n.http)
+        with pytest.raises(InvalidStatus) as refused:
+            async with raw_socket(n.live.ws, origin="https://any.example"):
+                pass
+        assert refused.value.response.status_code == 403
+        preflight = await n.http.options(
+            "/api/v1/auth/profile",
+            headers={"Origin": "https://any.example", "Access-Control-Request-Method": "GET"},
+        )
+        assert "access-control-allow-origin" not in preflight.headers
+        async with connected(n.live.ws, admin.access_token) as raw:  # no Origin: not a browser
+            await still_open(raw)
+
+
+async def test_by_default_any_origin_may_connect_and_call_the_api(
+    client: httpx.AsyncClient, live: LiveServer
+) -> None:
+    admin = await new_org_admin(client)
+    async with raw_socket(live.ws, origin="https://any.example") as raw:
+        await raw.connect(admin.access_token)
+        await still_open(raw)
+    response = await client.get(
+        "/api/v1/auth/profile", headers={**admin.headers, "Origin": "https://any.example"}
+    )
+    assert response.headers["access-control-allow-origin"] in ("*", "https://any.example")
+
+
 async def test_connect_from_an_origin_the_organisation_does_not_allow_is_forbidden(
     servers: Servers,
 ) -> None:

@@ -239,7 +239,7 @@ class Gateway:
 
     def allows_origin(self, origin: str | None) -> bool:
         allowed = self.settings.server.allowed_origins
-        return origin is None or not allowed or "*" in allowed or origin in allowed
+        return origin is None or "*" in allowed or origin in allowed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI WebSocket endpoint."""

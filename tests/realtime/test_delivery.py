@@ -28,6 +28,17 @@ async def _publish(
     return response.json()  # type: ignore[no-any-return]
 
 
+async def _until_gone(client: httpx.AsyncClient, admin: Account, connection_id: str) -> None:
+    """Wait until the server has seen a connection close (its close is asynchronous to the
+    client's): events published after that are what the connection missed."""
+    for _ in range(100):
+        listed = (await client.get("/api/v1/apix/connections", headers=admin.headers)).json()
+        if connection_id not in {c["connection_id"] for c in listed}:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{connection_id} still connected")
+
+
 async def test_http_publish_is_idempotent_per_channel(client: httpx.AsyncClient) -> None:
     admin = await new_org_admin(client)
     first = await _publish(client, admin, "room:idem", 1, idempotency_key="order-42")
@@ -74,6 +85,7 @@ async def test_resume_restores_subscriptions_and_replays_what_was_missed(
         await raw.subscribe("room:r2")
         await _publish(client, admin, "room:r2", 1)
         await raw.events(1)
+    await _until_gone(client, admin, first["connection_id"])
     missed = [await _publish(client, admin, "room:r2", n) for n in (2, 3)]
     async with raw_socket(live.ws) as raw:
         result = await raw.connect(admin.access_token, resume=first["session"])
@@ -114,6 +126,7 @@ async def test_offline_inbox_is_delivered_in_order_on_the_next_connect(
         added = await raw.subscribe("user:me")
     position = added["position"]
     inbox = f"user:{user.user_id}"
+    await _until_gone(client, admin, first["connection_id"])
     sent = [await _publish(client, admin, inbox, n) for n in range(5)]
     async with raw_socket(live.ws) as raw:
         await raw.connect(user.access_token)
@@ -214,6 +227,7 @@ async def test_resumed_ack_subscription_restarts_from_the_last_acknowledged_even
         sent = [await _publish(http, admin, "room:resume-ack", n) for n in range(4)]
         await raw.events(4)
         await raw.command("ack", channel="room:resume-ack", offset=sent[1]["offset"])
+    await _until_gone(http, admin, first["connection_id"])
     async with raw_socket(server.ws) as raw:
         result = await raw.connect(admin.access_token, resume=first["session"])
         assert result["subscriptions"] == [

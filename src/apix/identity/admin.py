@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from typing import TypeVar
 
 from sqlalchemy import func, select
 
@@ -268,22 +269,38 @@ async def list_invitations(rt: IdentityRuntime, principal: Principal) -> list[In
 async def revoke_invitation(
     rt: IdentityRuntime, principal: Principal, invitation_id: uuid.UUID, meta: RequestMeta
 ) -> None:
+    await _revoke_row(rt, principal, Invitation, invitation_id, meta, kind="invitation")
+
+
+Revocable = TypeVar("Revocable", Invitation, ApiKey)
+
+
+async def _revoke_row(
+    rt: IdentityRuntime,
+    principal: Principal,
+    model: type[Revocable],
+    row_id: uuid.UUID,
+    meta: RequestMeta,
+    *,
+    kind: str,
+) -> None:
+    """Revoke an organisation's invitation or API key (idempotent), audited; 404 otherwise."""
     org_id = _org_id(principal)
     async with rt.database.transaction(org_id) as uow:
-        invitation = await uow.session.scalar(
-            select(Invitation).where(Invitation.id == invitation_id, Invitation.org_id == org_id)
+        row = await uow.session.scalar(
+            select(model).where(model.id == row_id, model.org_id == org_id)
         )
-        if invitation is None:
-            raise NotFound("no such invitation")
-        if invitation.revoked_at is None:
-            invitation.revoked_at = utcnow()
+        if row is None:
+            raise NotFound(f"no such {kind.replace('_', ' ')}")
+        if row.revoked_at is None:
+            row.revoked_at = utcnow()
         await audit.record(
             uow,
-            "invitation.revoked",
+            f"{kind}.revoked",
             meta=meta,
             org_id=org_id,
-            target_type="invitation",
-            target_id=invitation_id,
+            target_type=kind,
+            target_id=row_id,
             actor_user_id=principal.user_id,
             actor_api_key_id=principal.api_key_id,
         )
@@ -374,25 +391,7 @@ async def list_api_keys(rt: IdentityRuntime, principal: Principal) -> list[ApiKe
 async def revoke_api_key(
     rt: IdentityRuntime, principal: Principal, key_id: uuid.UUID, meta: RequestMeta
 ) -> None:
-    org_id = _org_id(principal)
-    async with rt.database.transaction(org_id) as uow:
-        row = await uow.session.scalar(
-            select(ApiKey).where(ApiKey.id == key_id, ApiKey.org_id == org_id)
-        )
-        if row is None:
-            raise NotFound("no such API key")
-        if row.revoked_at is None:
-            row.revoked_at = utcnow()
-        await audit.record(
-            uow,
-            "api_key.revoked",
-            meta=meta,
-            org_id=org_id,
-            target_type="api_key",
-            target_id=key_id,
-            actor_user_id=principal.user_id,
-            actor_api_key_id=principal.api_key_id,
-        )
+    await _revoke_row(rt, principal, ApiKey, key_id, meta, kind="api_key")
 
 
 # --- sessions (the caller's own) --------------------------------------------------------

@@ -111,3 +111,33 @@ def _embedded_processes(data_dir: Path) -> list[str]:
         for line in out.splitlines()
         if str(data_dir.resolve()) in line and "pytest" not in line
     ]
+
+
+def test_serve_with_two_workers_shares_the_embedded_servers(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "workers.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APIX_")}
+    env.update({"APIX_DATA_DIR": str(data_dir), "APIX_SERVER__PORT": str(port)})
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "apix", "serve", "--workers", "2"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
+    try:
+        wait_ready(base, process, log)
+        # Requests land on both worker processes; each reaches the same embedded servers.
+        for _ in range(6):
+            status = httpx.get(f"{base}/api/v1/status", timeout=10).json()
+            assert status["status"] == "ok"
+            assert status["postgres"]["embedded"] is True
+            assert status["redis"]["embedded"] is True
+    finally:
+        if process.poll() is None:
+            stop(process, log)
+    assert log.read_text().count("Started server process") == 2
+    assert not _embedded_processes(data_dir)

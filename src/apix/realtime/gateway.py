@@ -20,9 +20,6 @@ from typing import Any
 
 import orjson
 from aiolimiter import AsyncLimiter
-from limits import RateLimitItemPerSecond
-from limits.storage import MemoryStorage
-from limits.strategies import FixedWindowRateLimiter
 from pydantic import TypeAdapter, ValidationError
 from redis.asyncio import Redis
 from starlette.types import Message, Receive, Scope, Send
@@ -122,7 +119,6 @@ class Gateway:
             connections=self.connections,
             on_failed=self._message_failed,
         )
-        self.limiter = FixedWindowRateLimiter(MemoryStorage())
         self._loops = [
             Periodic(
                 "apix-presence", max(1.0, self.config.presence_ttl_s / 3), self._refresh_presence
@@ -277,6 +273,7 @@ class ClientConnection:
         self.raw: ApixWebSocketProtocol | None = raw["protocol"] if raw else None
         self.queue = SendQueue(self.config.send_buffer_bytes, self._overflow, self.raw)
         # Commands: `commands_per_second` sustained, bursts up to `command_burst`.
+        self._publishes: dict[str, AsyncLimiter] = {}
         self._commands = AsyncLimiter(
             self.config.command_burst, self.config.command_burst / self.config.commands_per_second
         )
@@ -331,6 +328,19 @@ class ClientConnection:
     async def _read_loop(self) -> None:
         receive = self._receive
         closed = self._closed
+        if self.raw is not None:
+            # On our own transport, close() wakes this receive() by queueing a disconnect,
+            # so each frame costs one await, not a race of two futures.
+            while not closed.is_set():
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    self.close_code = self.close_code or message.get("code", 1000)
+                    self.queue.close()
+                    closed.set()
+                    return
+                if not closed.is_set():
+                    await self._handle(message)
+            return
         while not closed.is_set():
             receiving = asyncio.ensure_future(receive())
             closing = asyncio.ensure_future(closed.wait())
@@ -359,6 +369,8 @@ class ClientConnection:
             return
         self.close_code = code
         self._closed.set()
+        if self.raw is not None:
+            self.raw.queue.put_nowait({"type": "websocket.disconnect", "code": code})
         for timer in self._timers.values():
             timer.cancel()
         if flush and self._writer is not None and not self._writer.done():
@@ -768,9 +780,14 @@ class ClientConnection:
         assert principal is not None  # noqa: S101
         channel = self._channel(command.channel)
         channel_registry.check_publish(principal, channel)
-        item = RateLimitItemPerSecond(self.config.publishes_per_second)
-        if not self.gateway.limiter.hit(item, self.id, "p", channel.name):
+        # Per channel: `publishes_per_second`, in-process (a connection lives on one node).
+        limiter = self._publishes.get(channel.name)
+        if limiter is None:
+            rate = self.config.publishes_per_second
+            limiter = self._publishes[channel.name] = AsyncLimiter(rate, 1.0)
+        if not limiter.has_capacity():
             raise RateLimited("too many publishes on this channel; slow down")
+        await limiter.acquire()  # returns at once: there is capacity
         result = await service.publish(
             self.gateway.broker,
             principal,
@@ -865,6 +882,8 @@ class ClientConnection:
         # Bypass the queue's order: the client must see why it is being closed.
         frame = '{"op":"disconnect","code":4003,"reason":"token expired","reconnect":true}'
         self._closed.set()
+        if self.raw is not None:
+            self.raw.queue.put_nowait({"type": "websocket.disconnect", "code": TOKEN_EXPIRED})
         self._closing = asyncio.ensure_future(
             self._send_then_close(frame, TOKEN_EXPIRED, "token expired")
         )

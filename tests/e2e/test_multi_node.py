@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import Servers
-from tests.e2e.test_embedded_serve import free_port
+from tests.e2e.test_embedded_serve import free_port, wait_ready
 from tests.realtime.raw import connected
 
 pytestmark = pytest.mark.e2e
@@ -61,16 +61,7 @@ def _start(servers: Servers, tmp: Path, name: str) -> Node:
 
 
 def _wait_ready(node: Node) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert node.process.poll() is None, node.log.read_text()
-        try:
-            if httpx.get(f"{node.http}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"{node.name} not ready:\n{node.log.read_text()}")
+    wait_ready(node.http, node.process, node.log)
 
 
 @pytest.fixture(scope="module")

@@ -675,11 +675,10 @@ async def _authenticate_api_key(rt: IdentityRuntime, key: str) -> Principal:
     permissions = ROLE_PERMISSIONS[role] if role is not None else frozenset(row.permissions or ())
     return Principal(
         kind=PrincipalKind.API_KEY,
-        # Plain UUIDs: the driver's own UUID type does not serialise everywhere (orjson).
-        org_id=uuid.UUID(str(row.org_id)),
+        org_id=row.org_id,
         role=role or Role.VIEWER,
         permissions=permissions,
-        api_key_id=uuid.UUID(str(row.id)),
+        api_key_id=row.id,
         token_expires_at=int(row.expires_at.timestamp() * 1000) if row.expires_at else None,
     )
 

@@ -7,7 +7,6 @@ configuration and the same code path runs in production against external servers
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import subprocess
 import tempfile
@@ -172,11 +171,3 @@ class EmbeddedServers:
             self.redis.stop()
         if self.postgres is not None:
             self.postgres.stop()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True

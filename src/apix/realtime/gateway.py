@@ -13,8 +13,6 @@ import contextlib
 import secrets
 import time
 import uuid
-import weakref
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -91,9 +89,6 @@ _SESSION_SAVE_S = 5.0
 _FLUSH_TIMEOUT_S = 1.0
 _CLOSE_TIMEOUT_S = 5.0
 
-# Gateways alive in this process, so the server can close their sockets with 4500 first.
-ACTIVE: weakref.WeakSet[Gateway] = weakref.WeakSet()
-
 
 class Gateway:
     def __init__(self, settings: Settings, identity_runtime: IdentityRuntime, redis: Redis) -> None:
@@ -135,7 +130,6 @@ class Gateway:
         await self.redelivery.start()
         for loop in self._loops:
             loop.start()
-        ACTIVE.add(self)
 
     async def stop(self) -> None:
         await self.shutdown_connections()
@@ -144,7 +138,6 @@ class Gateway:
         await self.redelivery.stop()
         await self.registry.stop()
         await self.hub.stop()
-        ACTIVE.discard(self)
 
     async def shutdown_connections(self, code: int = SHUTTING_DOWN) -> None:
         """Tell every client to go elsewhere (4500), then wait briefly for them to leave."""
@@ -959,6 +952,3 @@ def _protocol_code(exc: AppError) -> str:
         "conflict": "conflict",
         "unrecoverable": "unrecoverable",
     }.get(exc.code, "bad_request" if exc.status_code < 500 else "internal")
-
-
-Endpoint = Callable[[Scope, Receive, Send], Awaitable[None]]

@@ -175,9 +175,6 @@ class Hub:
     def channel_count(self) -> int:
         return len(self._subs)
 
-    def local_subscribers(self, channel: ChannelRef) -> int:
-        return len(self._subs.get(channel.pubsub_channel, ()))
-
     async def _read(self) -> None:
         while not self._stopping:
             try:

@@ -126,10 +126,6 @@ class Registry:
     def _live_state(record: ConnectionRecord) -> bytes:
         return dumps(record.public() | {"org_id": record.org_id})
 
-    def touched(self, record: ConnectionRecord) -> None:
-        """Heartbeat or subscription change: written at the next flush."""
-        self._dirty[record.id] = record
-
     async def subscribed(self, channel: ChannelRef, connection_id: str, on: bool) -> None:
         """Count the channel's subscribers (across nodes) and mark its record for update."""
         org = org_uuid(channel)

@@ -87,3 +87,36 @@ def test_migrate_current_and_history(servers: Servers) -> None:
     history = run("migrate", "history")
     assert history.returncode == 0, history.stderr
     assert "<base> -> 0001: baseline" in history.stdout
+
+
+async def test_migrate_upgrade_and_downgrade_on_a_fresh_database(servers: Servers) -> None:
+    import uuid
+
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
+
+    from apix.infra.database import async_url
+
+    name = f"apix_cli_{uuid.uuid4().hex[:8]}"
+    admin = create_async_engine(
+        async_url(servers.database_url), poolclass=NullPool, isolation_level="AUTOCOMMIT"
+    )
+    async with admin.connect() as conn:
+        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(servers.database_url).set(database=name).render_as_string(hide_password=False)
+    env = {"APIX_DATABASE_URL": url}
+    try:
+        up = run("migrate", "upgrade", env=env)
+        assert up.returncode == 0, up.stderr
+        assert f"database at {head_revision()}" in up.stdout
+        down = run("migrate", "downgrade", "base", env=env)
+        assert down.returncode == 0, down.stderr
+        assert "database at None" in down.stdout
+        again = run("migrate", "upgrade", env=env)
+        assert f"database at {head_revision()}" in again.stdout
+    finally:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        await admin.dispose()

@@ -931,3 +931,16 @@ async def test_monitor_channel_needs_org_admin(client: httpx.AsyncClient, live: 
     developer = await new_member(client, admin, "DEVELOPER")
     async with connected(live.ws, developer.access_token) as raw:
         assert await error_code(raw, "subscribe", channel="monitor") == "forbidden"
+
+
+async def test_cors_answers_only_listed_origins(servers: Servers) -> None:
+    async with node(servers, server={"allowed_origins": ["https://app.example"]}) as n:
+        preflight = {"Access-Control-Request-Method": "GET"}
+        listed = await n.http.options(
+            "/api/v1/auth/profile", headers={"Origin": "https://app.example", **preflight}
+        )
+        assert listed.headers["access-control-allow-origin"] == "https://app.example"
+        other = await n.http.options(
+            "/api/v1/auth/profile", headers={"Origin": "https://evil.example", **preflight}
+        )
+        assert "access-control-allow-origin" not in other.headers

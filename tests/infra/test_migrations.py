@@ -9,6 +9,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import text
 
 from apix.infra.database import Base
+from apix.infra.migrate import include_object
 from apix.models import load_all_models
 
 
@@ -16,7 +17,10 @@ async def test_models_match_the_migrated_schema(owner_engine: Any) -> None:
     load_all_models()
     async with owner_engine.connect() as conn:
         diff = await conn.run_sync(
-            lambda sync: compare_metadata(MigrationContext.configure(sync), Base.metadata)
+            lambda sync: compare_metadata(
+                MigrationContext.configure(sync, opts={"include_object": include_object}),
+                Base.metadata,
+            )
         )
     assert diff == []
 

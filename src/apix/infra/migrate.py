@@ -9,6 +9,7 @@ These functions are synchronous: call them before the event loop starts, or in a
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 from alembic import command
@@ -28,7 +29,24 @@ log = get_logger(__name__)
 # Tables the application may insert into and read, never change (the audit trail).
 APPEND_ONLY_TABLES = ("audit_log",)
 
+# Owner-rights functions the worker calls (partition upkeep of the event archive).
+WORKER_FUNCTIONS = (
+    "apix_event_ensure_partitions(integer)",
+    "apix_event_drop_partitions(integer)",
+)
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+_PARTITION = re.compile(r"^apix_event_(p\d{8}|default)$")
+
+
+def include_object(
+    obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
+) -> bool:
+    """Autogenerate filter: the archive's partitions are made at run time, not modelled."""
+    table = obj if type_ == "table" else getattr(obj, "table", None)
+    return not (reflected and _PARTITION.match(getattr(table, "name", "") or ""))
 
 
 def alembic_config(owner_url: str) -> Config:
@@ -119,6 +137,20 @@ async def _sync_app_role(owner_url: str, settings: DatabaseSettings) -> None:
                 f"REVOKE INSERT, UPDATE, DELETE ON alembic_version FROM {quoted}",
             ):
                 await conn.execute(text(statement))
+            # Partitions are reached through their parent, under its row-level security.
+            partitions = await conn.execute(
+                text(
+                    "SELECT quote_ident(relname) FROM pg_class WHERE relispartition "
+                    "AND relkind = 'r' AND relnamespace = 'public'::regnamespace"
+                )
+            )
+            for (partition,) in partitions:
+                await conn.execute(text(f"REVOKE ALL ON {partition} FROM {quoted}"))
+            for function in WORKER_FUNCTIONS:
+                if (
+                    await conn.execute(text("SELECT to_regprocedure(:f)"), {"f": function})
+                ).scalar():
+                    await conn.execute(text(f"GRANT EXECUTE ON FUNCTION {function} TO {quoted}"))
             for table in APPEND_ONLY_TABLES:
                 if (await conn.execute(text("SELECT to_regclass(:t)"), {"t": table})).scalar():
                     await conn.execute(text(f"REVOKE UPDATE, DELETE ON {table} FROM {quoted}"))

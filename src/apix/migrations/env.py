@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from apix.infra.database import Base
+from apix.infra.migrate import include_object
 from apix.models import load_all_models
 
 load_all_models()
@@ -28,6 +29,7 @@ def _run(connection: Connection) -> None:
         connection=connection,
         target_metadata=target_metadata,
         compare_type=True,
+        include_object=include_object,
         transaction_per_migration=True,
     )
     with context.begin_transaction():

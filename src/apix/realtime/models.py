@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Index, Integer, String, UniqueConstraint, func
+from sqlalchemy import BigInteger, DateTime, Index, Integer, String, UniqueConstraint, func
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -71,3 +71,29 @@ class ApixDeadLetter(Base):
     status: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
     failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ApixEvent(Base):
+    """An archived channel event (partitioned by day; see migration 0006)."""
+
+    __tablename__ = "apix_event"
+    __table_args__ = (
+        Index("ix_apix_event_org_id_created_at", "org_id", "created_at"),
+        {"postgresql_partition_by": "RANGE (created_at)"},
+    )
+
+    org_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(200), primary_key=True)
+    epoch: Mapped[str] = mapped_column(String(64), primary_key=True)
+    offset_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    offset_seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    id: Mapped[str] = mapped_column(String(64), nullable=False)
+    type: Mapped[str] = mapped_column(String(100), nullable=False)
+    payload: Mapped[Any] = mapped_column(JSONB, nullable=True)
+    metadata_: Mapped[dict[str, Any]] = mapped_column(
+        "metadata", JSONB, nullable=False, default=dict
+    )
+    session_id: Mapped[str | None] = mapped_column(String(128))
+    ack_state: Mapped[str] = mapped_column(String(16), nullable=False, default="none")
+    retry_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)

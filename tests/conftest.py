@@ -45,7 +45,9 @@ class Servers:
 
 
 def _worker_index(worker_id: str) -> int:
-    return 0 if worker_id == "master" else int(worker_id.removeprefix("gw"))
+    """This worker's slot: ``APIX_TEST_SLOT`` (0–3) keeps concurrent pytest runs apart."""
+    worker = 0 if worker_id == "master" else int(worker_id.removeprefix("gw"))
+    return int(os.environ.get("APIX_TEST_SLOT", "0")) * 4 + worker
 
 
 def _redis_db_url(url: str, db: int) -> str:

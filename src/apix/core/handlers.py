@@ -5,12 +5,18 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Any
 
+import asyncpg
+import redis.exceptions
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from apix.core.errors import AppError, error_content
 from apix.core.json import ORJSONResponse
+from apix.core.logging import get_logger
+
+log = get_logger(__name__)
 
 _CODES = {
     400: "bad_request",
@@ -30,6 +36,39 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    for outage in BACKEND_OUTAGES:
+        app.add_exception_handler(outage, _backend_unavailable)
+
+
+# A database or Redis that cannot be reached is a server-side outage, not a bug: 503, so
+# clients retry; the pools reconnect by themselves once the server is back.
+BACKEND_OUTAGES: tuple[type[Exception], ...] = (
+    sqlalchemy.exc.DBAPIError,
+    sqlalchemy.exc.TimeoutError,  # no pooled connection in time
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    ConnectionError,
+    TimeoutError,
+)
+_LOST_CONNECTION = (
+    asyncpg.exceptions.PostgresConnectionError,  # incl. "cannot connect now" (starting up)
+    asyncpg.exceptions.InterfaceError,
+    ConnectionError,
+    OSError,
+)
+
+
+async def _backend_unavailable(request: Request, exc: Exception) -> ORJSONResponse:
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and not (
+        exc.connection_invalidated or isinstance(exc.orig, _LOST_CONNECTION)
+    ):
+        raise exc  # a real database error: the last-resort handler answers 500
+    log.warning("backend unavailable", path=request.url.path, error=type(exc).__name__)
+    return ORJSONResponse(
+        error_content("unavailable", "a backing service is unavailable; retry shortly"),
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
 
 
 async def _app_error(_request: Request, exc: AppError) -> ORJSONResponse:

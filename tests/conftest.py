@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from apix.app import create_app
-from apix.config import DatabaseSettings, Environment, LogSettings, Settings
+from apix.config import DatabaseSettings, Environment, LogSettings, Settings, WorkerSettings
 from apix.infra import migrate
 from apix.infra.database import Base, async_url
 from apix.infra.embedded import EmbeddedServers
@@ -45,7 +45,7 @@ class Servers:
 
 
 def _worker_index(worker_id: str) -> int:
-    """This worker's slot: ``APIX_TEST_SLOT`` (0–3) keeps concurrent pytest runs apart."""
+    """This worker's slot: ``APIX_TEST_SLOT`` (0 to 3) keeps concurrent pytest runs apart."""
     worker = 0 if worker_id == "master" else int(worker_id.removeprefix("gw"))
     return int(os.environ.get("APIX_TEST_SLOT", "0")) * 4 + worker
 
@@ -105,6 +105,8 @@ def make_settings(servers: Servers, **overrides: object) -> Settings:
         "log": LogSettings(level="INFO", format="json"),
         "node_id": "test-node",
         "data_dir": servers.data_dir,
+        # No archiver in the background unless a test asks for one (tests/realtime/test_archive).
+        "worker": WorkerSettings(embedded=False),
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

@@ -31,6 +31,7 @@ from apix.infra.database import Database
 from apix.infra.migrate import head_revision
 from apix.infra.redis import create_redis
 from apix.realtime import router as realtime_router
+from apix.realtime.archive import Archiver
 from apix.realtime.gateway import Gateway
 from apix.system.router import router as system_router
 
@@ -60,9 +61,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis = redis
         app.state.identity = identity = IdentityRuntime.create(settings, database, redis)
         app.state.gateway = gateway = Gateway(settings, identity, redis)
+        archiver = None
+        if settings.worker.embedded and settings.worker.archive:
+            archiver = Archiver(
+                redis,
+                database,
+                gateway.broker,
+                settings.worker,
+                consumer=f"{settings.node_id}:{os.getpid()}",
+            )
         try:
             await identity.resync()
             await gateway.start()
+            if archiver is not None:
+                await archiver.start()
         except Exception:
             # A node must still start (and report not ready) when a server is down or the
             # schema is behind; `/readyz` says why.
@@ -70,6 +82,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            if archiver is not None:
+                await archiver.stop()
             await gateway.stop()
             await redis.aclose()
             await database.dispose()

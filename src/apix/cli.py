@@ -81,6 +81,32 @@ def serve(
     typer.echo("APIX stopped")
 
 
+@cli.command()
+def worker(
+    consumer: Annotated[
+        str | None, typer.Option(help="Name in the consumer groups (default: node:worker:pid).")
+    ] = None,
+) -> None:
+    """Run the background workers (the event archiver) until SIGTERM or Ctrl-C."""
+    import asyncio
+
+    from apix.worker import run_worker
+
+    settings = _settings()
+    configure_logging(settings.log)
+    embedded = EmbeddedServers(settings.data_dir)
+    try:
+        database_url = _ensure_servers(settings, embedded)
+        if settings.database.migrate_on_start:
+            migrations.upgrade(database_url, settings.database)
+        asyncio.run(run_worker(get_settings(), consumer=consumer))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        embedded.stop()
+    typer.echo("APIX worker stopped")
+
+
 def _ensure_servers(settings: Settings, embedded: EmbeddedServers) -> str:
     """The servers to use: configured ones, or embedded ones started now.
 

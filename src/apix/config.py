@@ -135,6 +135,37 @@ class RealtimeSettings(BaseModel):
         description="Extra wait before each further redelivery (with ±20% jitter).",
     )
     max_attempts: int = Field(5, ge=1, description="Sends of one event before it is dead-lettered.")
+    max_archive_replay: int = Field(
+        10_000,
+        ge=0,
+        description="Most events a `since` recovery reads from the archive once the stream "
+        "no longer holds the position; beyond it, `recovered: false`.",
+    )
+
+
+class WorkerSettings(BaseModel):
+    embedded: bool = Field(
+        True,
+        description="`apix serve` nodes also run the background workers (the archiver). "
+        "Set false when dedicated `apix worker` processes run them.",
+    )
+    archive: bool = Field(
+        True,
+        description="Keep every tenant channel event in PostgreSQL (`apix_event`); stream "
+        "trimming waits until the archiver has written an event. False: Redis streams only.",
+    )
+    archive_batch: int = Field(
+        500, ge=1, le=10_000, description="Entries an archiver reads per partition per round."
+    )
+    archive_retention_days: int = Field(
+        30, ge=1, description="Days of archived events kept; older partitions are dropped."
+    )
+    lease_ms: int = Field(
+        15_000,
+        ge=1000,
+        description="Partition lease of an archiver: a crashed archiver's partitions are "
+        "taken over (with its unwritten entries) after this.",
+    )
 
 
 class LogSettings(BaseModel):
@@ -187,6 +218,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     realtime: RealtimeSettings = Field(default_factory=RealtimeSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @model_validator(mode="after")

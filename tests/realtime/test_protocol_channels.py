@@ -15,6 +15,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from apix.realtime.channels import channel_prefix
 from tests.conftest import LiveServer, Servers
 from tests.identity.factories import Account, bearer, new_member, new_org_admin, new_super_admin
 from tests.realtime.raw import Raw, connected, raw_socket
@@ -77,7 +78,7 @@ async def events_until(raw: Raw, channel: str, offset: str) -> list[dict[str, An
 
 
 def stream_key(org_id: str, channel: str) -> str:
-    return f"apix:ch:{{{org_id}:{channel}}}:s"
+    return f"{channel_prefix(org_id, channel)}:s"
 
 
 # --- permissions (section 4) ------------------------------------------------------------

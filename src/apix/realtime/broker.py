@@ -20,11 +20,31 @@ from redis.asyncio import Redis
 from apix.core.json import dumps
 from apix.realtime.channels import ChannelRef
 
-# KEYS: meta, stream, idempotency key (or ""). ARGV: epoch candidate, max_len, min_id, payload,
-# pubsub channel, ttl_ms, event type, event id, idempotency ttl_ms.
+# Stream ids compare as (milliseconds, sequence); `older(a, b)` is a < b.
+_IDS = """
+local function parse(id)
+  local dash = string.find(id, '-', 1, true)
+  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
+end
+local function older(a, b)
+  local ams, aseq = parse(a)
+  local bms, bseq = parse(b)
+  return ams < bms or (ams == bms and aseq < bseq)
+end
+"""
+
+# KEYS: meta, stream, idempotency key (or ""), archive queue (or "": not archived).
+# ARGV: epoch candidate, max_len, min_id, payload, pubsub channel, ttl_ms, event type,
+# event id, idempotency ttl_ms, tenant, channel name.
 # Returns {offset, epoch, event id, duplicate (0/1)}.
-_PUBLISH = """
-local meta, stream, idem = KEYS[1], KEYS[2], KEYS[3]
+#
+# Trimming keeps the namespace's last `max_len` events younger than `min_id`, but never
+# drops an event the archiver has not written yet (`archived` in the metadata): with an
+# archive, `trimmed` never passes `archived`, so whatever left the stream is in PostgreSQL.
+_PUBLISH = (
+    _IDS
+    + """
+local meta, stream, idem, archive = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 if idem ~= '' then
   local first = redis.call('HMGET', idem, 'offset', 'epoch', 'id')
   if first[1] then
@@ -40,31 +60,51 @@ if (not epoch) or lost then
 end
 local max_len = tonumber(ARGV[2])
 local len = redis.call('XLEN', stream)
+local cut = nil
 if len >= max_len then
   local victims = redis.call('XRANGE', stream, '-', '+', 'COUNT', len - max_len + 1)
-  redis.call('HSET', meta, 'trimmed', victims[#victims][1])
-  redis.call('XTRIM', stream, 'MAXLEN', max_len - 1)
+  cut = victims[#victims][1]
 end
 local old = redis.call('XREVRANGE', stream, '(' .. ARGV[3], '-', 'COUNT', 1)
-if #old > 0 then
-  redis.call('HSET', meta, 'trimmed', old[1][1])
-  redis.call('XTRIM', stream, 'MINID', ARGV[3])
+if #old > 0 and (cut == nil or older(cut, old[1][1])) then
+  cut = old[1][1]
+end
+if cut and archive ~= '' then
+  local archived = redis.call('HGET', meta, 'archived')
+  if not archived then
+    cut = nil
+  elseif older(archived, cut) then
+    cut = archived
+  end
+end
+if cut then
+  local trimmed = redis.call('HGET', meta, 'trimmed')
+  if (not trimmed) or older(trimmed, cut) then
+    redis.call('HSET', meta, 'trimmed', cut)
+    local ms, seq = parse(cut)
+    redis.call('XTRIM', stream, 'MINID', ms .. '-' .. (seq + 1))
+  end
 end
 local id = redis.call('XADD', stream, '*', 'd', ARGV[4])
 redis.call('HSET', meta, 'last', id)
 redis.call('PEXPIRE', stream, ARGV[6])
 redis.call('PEXPIRE', meta, ARGV[6])
 redis.call('PUBLISH', ARGV[5], 'e ' .. epoch .. ' ' .. id .. ' ' .. ARGV[7] .. ' ' .. ARGV[4])
+if archive ~= '' then
+  redis.call('XADD', archive, '*', 't', ARGV[10], 'c', ARGV[11], 'e', epoch, 'o', id, 'd', ARGV[4])
+end
 if idem ~= '' then
   redis.call('HSET', idem, 'offset', id, 'epoch', epoch, 'id', ARGV[8])
   redis.call('PEXPIRE', idem, ARGV[9])
 end
 return {id, epoch, ARGV[8], 0}
 """
+)
 
-# KEYS: meta, stream. ARGV: epoch candidate, ttl_ms. Returns {epoch, trimmed or false}: the
-# channel's epoch, a new one if there was none or the stream was lost since the last publish
-# (the same rule the publish script applies, so readers and writers agree on the epoch).
+# KEYS: meta, stream. ARGV: epoch candidate, ttl_ms. Returns {epoch, trimmed or false,
+# archived or false}: the channel's epoch, a new one if there was none or the stream was
+# lost since the last publish (the same rule the publish script applies, so readers and
+# writers agree on the epoch).
 _EPOCH = """
 local meta, stream = KEYS[1], KEYS[2]
 local epoch = redis.call('HGET', meta, 'epoch')
@@ -75,8 +115,25 @@ if (not epoch) or lost then
   redis.call('HSET', meta, 'epoch', epoch)
   redis.call('PEXPIRE', meta, ARGV[2])
 end
-return {epoch, redis.call('HGET', meta, 'trimmed') or false}
+return {epoch, redis.call('HGET', meta, 'trimmed') or false,
+        redis.call('HGET', meta, 'archived') or false}
 """
+
+# KEYS: meta. ARGV: epoch, offset. The archiver has written every event of this epoch up to
+# `offset`: raise `archived` (never lower it, never across an epoch change).
+_ARCHIVED = (
+    _IDS
+    + """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then
+  return 0
+end
+local archived = redis.call('HGET', KEYS[1], 'archived')
+if (not archived) or older(archived, ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'archived', ARGV[2])
+end
+return 1
+"""
+)
 
 # A publish retried with the same idempotency key within this returns the first result.
 IDEMPOTENCY_TTL_S = 600
@@ -126,12 +183,22 @@ class Snapshot:
     last_offset: str  # "0-0" for an empty channel
     trimmed: str | None  # newest offset dropped from the stream, if any
     events: Sequence[StoredEvent]
+    archived: str | None = None  # newest offset the archive holds every event up to
 
     def covers(self, offset: str, epoch: str | None) -> bool:
         """Whether every event after ``offset`` (of ``epoch``) is still in the stream."""
         if epoch is not None and epoch != self.epoch:
             return False
         return self.trimmed is None or offset_key(offset) >= offset_key(self.trimmed)
+
+    def archive_covers(self, epoch: str | None) -> bool:
+        """Whether the archive holds everything the stream dropped (of ``epoch``)."""
+        return (
+            (epoch is None or epoch == self.epoch)
+            and self.trimmed is not None
+            and self.archived is not None
+            and offset_key(self.archived) >= offset_key(self.trimmed)
+        )
 
 
 def event_payload(
@@ -149,11 +216,13 @@ def event_frame(channel: str, offset: str, epoch: str, payload: bytes, attempt: 
 
 
 class Broker:
-    def __init__(self, redis: Redis, *, source: str) -> None:
+    def __init__(self, redis: Redis, *, source: str, archive: bool = True) -> None:
         self.redis = redis
         self.source = source
+        self.archive = archive  # queue events for the archiver; trimming waits for it
         self._publish = redis.register_script(_PUBLISH)
         self._epoch = redis.register_script(_EPOCH)
+        self._archived = redis.register_script(_ARCHIVED)
 
     async def publish(
         self,
@@ -183,8 +252,9 @@ class Broker:
         min_id = f"{ts - namespace.max_age_s * 1000}-0"
         ttl_ms = namespace.max_age_s * 1000 + _EXTRA_TTL_MS
         idem = channel.idempotency_key(idempotency_key) if idempotency_key else ""
+        archive = channel.archive_key if self.archive and channel.archived else ""
         offset, epoch, stored_id, duplicate = await self._publish(
-            keys=[channel.meta_key, channel.stream_key, idem],
+            keys=[channel.meta_key, channel.stream_key, idem, archive],
             args=[
                 new_epoch(),
                 namespace.max_len,
@@ -195,16 +265,26 @@ class Broker:
                 event_type,
                 event_id,
                 IDEMPOTENCY_TTL_S * 1000,
+                channel.tenant,
+                channel.name,
             ],
         )
         return Published(offset.decode(), epoch.decode(), stored_id.decode(), ts, bool(duplicate))
 
     async def epoch(self, channel: ChannelRef) -> str:
         ttl_ms = channel.namespace.max_age_s * 1000 + _EXTRA_TTL_MS
-        epoch, _ = await self._epoch(
+        epoch, _, _ = await self._epoch(
             keys=[channel.meta_key, channel.stream_key], args=[new_epoch(), ttl_ms]
         )
         return str(epoch.decode())
+
+    async def mark_archived(self, positions: Sequence[tuple[str, str, str]]) -> None:
+        """Record, per (meta key, epoch, offset), that the archive holds the channel up to
+        ``offset``: from then on the publish script may trim that far."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for meta_key, epoch, offset in positions:
+                await self._archived(keys=[meta_key], args=[epoch, offset], client=pipe)
+            await pipe.execute()
 
     async def read(
         self,
@@ -235,7 +315,7 @@ class Broker:
             elif last:
                 pipe.xrevrange(channel.stream_key, "+", "-", count=last)
             meta, newest, *rest = await pipe.execute()
-        epoch_raw, trimmed_raw = meta
+        epoch_raw, trimmed_raw, archived_raw = meta
         epoch = epoch_raw.decode()
         entries = rest[0] if rest else []
         if (after is None and last) or (after is not None and reverse):
@@ -246,4 +326,5 @@ class Broker:
             last_offset=newest[0][0].decode() if newest else "0-0",
             trimmed=trimmed_raw.decode() if trimmed_raw else None,
             events=events,
+            archived=archived_raw.decode() if archived_raw else None,
         )

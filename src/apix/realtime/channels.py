@@ -12,6 +12,7 @@ import enum
 import hashlib
 import re
 import uuid
+import zlib
 from dataclasses import dataclass
 
 from apix.core.errors import BadRequest, Forbidden, NotFound
@@ -90,30 +91,60 @@ class ChannelRef:
     tenant: str  # organisation id, or PLATFORM
 
     @property
-    def tag(self) -> str:
-        # One Redis Cluster hash tag per channel: its stream, metadata and presence keys
-        # live on one shard, so the publish script touches one slot.
-        return f"{{{self.tenant}:{self.name}}}"
+    def archived(self) -> bool:
+        """Whether the archive keeps this channel's events (tenant channels only)."""
+        return self.tenant != PLATFORM
+
+    @property
+    def partition(self) -> int:
+        return partition_of(self.tenant, self.name)
+
+    @property
+    def prefix(self) -> str:
+        return channel_prefix(self.tenant, self.name)
 
     @property
     def stream_key(self) -> str:
-        return f"apix:ch:{self.tag}:s"
+        return f"{self.prefix}:s"
 
     @property
     def meta_key(self) -> str:
-        return f"apix:ch:{self.tag}:m"
+        return f"{self.prefix}:m"
 
     @property
     def presence_key(self) -> str:
-        return f"apix:ch:{self.tag}:p"
+        return f"{self.prefix}:p"
+
+    @property
+    def archive_key(self) -> str:
+        return archive_key(self.partition)
 
     def idempotency_key(self, key: str) -> str:
         digest = hashlib.sha256(key.encode()).hexdigest()
-        return f"apix:ch:{self.tag}:idem:{digest}"
+        return f"{self.prefix}:idem:{digest}"
 
     @property
     def pubsub_channel(self) -> str:
-        return f"apix:ch:{self.tag}:live"
+        return f"{self.prefix}:live"
+
+
+# Channels are spread over this many partitions. A partition is one Redis Cluster hash tag:
+# a channel's stream, metadata, presence and idempotency keys share it with the partition's
+# archive stream, so the publish script touches a single slot.
+PARTITIONS = 64
+
+
+def partition_of(tenant: str, name: str) -> int:
+    return zlib.crc32(f"{tenant}:{name}".encode()) % PARTITIONS
+
+
+def channel_prefix(tenant: str, name: str) -> str:
+    return f"apix:ch:{{p{partition_of(tenant, name)}}}:{tenant}:{name}"
+
+
+def archive_key(partition: int) -> str:
+    """The partition's queue of events for the archiver (a stream read by a consumer group)."""
+    return f"apix:archive:{{p{partition}}}"
 
 
 def parse(name: object, principal: Principal) -> ChannelRef:

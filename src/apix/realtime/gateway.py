@@ -13,6 +13,7 @@ import contextlib
 import secrets
 import time
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,9 +42,9 @@ from apix.identity import service as identity
 from apix.identity.models import Organization
 from apix.identity.principal import Principal
 from apix.identity.runtime import IdentityRuntime
+from apix.realtime import archive, service
 from apix.realtime import channels as channel_registry
-from apix.realtime import service
-from apix.realtime.broker import Broker, Snapshot, StoredEvent, event_frame
+from apix.realtime.broker import Broker, Snapshot, StoredEvent, event_frame, offset_key
 from apix.realtime.channels import ChannelRef
 from apix.realtime.connection import SendQueue, run_writer
 from apix.realtime.delivery import Redelivery, Sessions, new_session_token, offset_before
@@ -97,7 +98,9 @@ class Gateway:
         self.identity = identity_runtime
         self.redis = redis
         self.node = settings.node_id
-        self.broker = Broker(redis, source=f"apix-node:{self.node}")
+        self.broker = Broker(
+            redis, source=f"apix-node:{self.node}", archive=settings.worker.archive
+        )
         self.hub = Hub(redis)
         self.presence = Presence(redis, ttl_s=self.config.presence_ttl_s, source=self.broker.source)
         self.registry = Registry(
@@ -123,6 +126,7 @@ class Gateway:
         self.closing = False
 
     async def start(self) -> None:
+        self.hub.on_interrupted = self._backend_interrupted
         await self.hub.start()
         self.hub.on_control(CONTROL_CHANNEL, self._control)
         await self.hub.listen(CONTROL_CHANNEL)
@@ -149,6 +153,19 @@ class Gateway:
             await asyncio.wait(
                 [asyncio.ensure_future(c.finished.wait()) for c in connections], timeout=5
             )
+
+    def _backend_interrupted(self) -> None:
+        """Redis dropped our pub/sub connection: live events may have been missed.
+
+        Every client is sent away (4500: reconnect at once) and resumes from its last
+        position, where the replay either fills the gap or says `recovered: false`.
+        Never a silent gap.
+        """
+        connections = [c for c in self.connections.values() if c.subscriptions]
+        if connections:
+            log.warning("real-time backend interrupted; clients resume", clients=len(connections))
+        for connection in connections:
+            connection.close(SHUTTING_DOWN, "real-time backend interrupted; reconnect and resume")
 
     def _control(self, message: dict[str, Any]) -> None:
         connection = self.connections.get(str(message.get("kick")))
@@ -205,12 +222,50 @@ class Gateway:
             await self.hub.remove(sub)
             raise
         recovered = since is None or snapshot.covers(since.offset, since.epoch)
+        if not recovered and since is not None:
+            try:
+                snapshot, recovered = await self.recover_from_archive(
+                    sub.channel, snapshot, since.offset, since.epoch
+                )
+            except BaseException:
+                await self.hub.remove(sub)
+                raise
         replay = [e for e in snapshot.events if sub.wants(e.type)] if recovered else []
         sub.advance(
             snapshot.events[-1].offset if recovered and snapshot.events else snapshot.last_offset
         )
         sub.epoch = snapshot.epoch
         return snapshot, recovered, replay
+
+    async def recover_from_archive(
+        self, channel: ChannelRef, snapshot: Snapshot, offset: str, epoch: str | None
+    ) -> tuple[Snapshot, bool]:
+        """Complete a stream read that no longer reaches back to ``offset`` from the archive.
+
+        Returns the snapshot with the archived events put in front, and whether the whole
+        gap could be filled (same epoch, archive caught up, within retention and
+        `max_archive_replay`).
+        """
+        retention_ms = self.settings.worker.archive_retention_days * 86_400_000
+        if (
+            not self.settings.worker.archive
+            or not snapshot.archive_covers(epoch)
+            or snapshot.trimmed is None
+            or offset_key(offset)[0] < time.time() * 1000 - retention_ms
+        ):
+            return snapshot, False
+        limit = self.config.max_archive_replay
+        older = await archive.read(
+            self.identity.database,
+            channel,
+            epoch=snapshot.epoch,
+            after=offset,
+            upto=snapshot.trimmed,
+            limit=limit + 1,
+        )
+        if len(older) > limit:
+            return snapshot, False
+        return replace(snapshot, events=[*older, *snapshot.events]), True
 
     def stats(self) -> dict[str, Any]:
         """This node's gateway counters (for status and benchmarks)."""
@@ -800,8 +855,10 @@ class ClientConnection:
             self.gateway.broker,
             channel,
             since=command.since.offset if command.since else None,
+            epoch=command.since.epoch if command.since else None,
             limit=command.limit,
             reverse=command.reverse,
+            recover=self.gateway.recover_from_archive,
         )
         self._reply(command.id, result)
 

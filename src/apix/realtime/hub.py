@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from apix.core.json import loads
 from apix.core.logging import get_logger
@@ -72,17 +74,31 @@ def compile_filter(patterns: list[str] | None) -> re.Pattern[str] | None:
     return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
 
 
+class _WatchedPubSub(PubSub):
+    """redis-py reconnects a dropped pub/sub connection and subscribes again by itself,
+    silently: whatever was announced in between never arrives. This says when."""
+
+    on_reconnect: Callable[[], None] | None = None
+
+    async def on_connect(self, connection: Any) -> None:
+        await super().on_connect(connection)
+        if self.on_reconnect is not None:
+            self.on_reconnect()
+
+
 @dataclass
 class HubStats:
     events_in: int = 0
     frames_out: int = 0
     fanout_seconds: float = 0.0
+    interruptions: int = 0
 
 
 class Hub:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._pubsub: PubSub = redis.pubsub()
+        self._pubsub = _WatchedPubSub(redis.connection_pool)
+        self._pubsub.on_reconnect = self._interrupted
         self._subs: dict[str, set[Subscription]] = defaultdict(set)  # pubsub channel → subs
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._reader: asyncio.Task[None] | None = None
@@ -90,6 +106,8 @@ class Hub:
         self._stopping = False
         self._control: dict[str, Callable[[dict[str, Any]], None]] = {}
         self.stats = HubStats()
+        # Called when the pub/sub connection broke (announcements may have been missed).
+        self.on_interrupted: Callable[[], None] | None = None
 
     async def start(self) -> None:
         # A placeholder subscription keeps the pub/sub connection open from the start.
@@ -172,6 +190,12 @@ class Hub:
                     sub.advance(offset)
         return sent
 
+    def _interrupted(self) -> None:
+        """Live announcements may have been missed: whoever listens must catch up."""
+        self.stats.interruptions += 1
+        if self.on_interrupted is not None:
+            self.on_interrupted()
+
     def channel_count(self) -> int:
         return len(self._subs)
 
@@ -181,8 +205,10 @@ class Hub:
                 message = await self._pubsub.get_message(timeout=0.2)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("hub: pub/sub read failed; retrying")
+            except Exception as exc:
+                log.warning("hub: pub/sub read failed; retrying", error=repr(exc))
+                if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+                    self._interrupted()
                 await asyncio.sleep(0.5)
                 continue
             if message is None:

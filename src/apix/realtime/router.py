@@ -71,7 +71,14 @@ async def history(
     """Events kept for replay: after `since`, or the newest `limit`."""
     ref = channel_registry.parse(channel, principal)
     channel_registry.check_subscribe(principal, ref)
-    result = await service.history(gateway.broker, ref, since=since, limit=limit, reverse=reverse)
+    result = await service.history(
+        gateway.broker,
+        ref,
+        since=since,
+        limit=limit,
+        reverse=reverse,
+        recover=gateway.recover_from_archive,
+    )
     return HistoryResult.model_validate(result)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,7 +18,7 @@ from apix.core.json import loads
 from apix.identity.principal import Principal
 from apix.infra.database import Database
 from apix.realtime import channels
-from apix.realtime.broker import Broker
+from apix.realtime.broker import Broker, Snapshot
 from apix.realtime.channels import ChannelRef
 from apix.realtime.models import ApixDeadLetter
 
@@ -46,11 +48,32 @@ async def publish(
     }
 
 
+Recover = Callable[[ChannelRef, Snapshot, str, str | None], Awaitable[tuple[Snapshot, bool]]]
+
+
 async def history(
-    broker: Broker, channel: ChannelRef, *, since: str | None, limit: int, reverse: bool
+    broker: Broker,
+    channel: ChannelRef,
+    *,
+    since: str | None,
+    limit: int,
+    reverse: bool,
+    epoch: str | None = None,
+    recover: Recover | None = None,
 ) -> dict[str, Any]:
+    """Events after ``since`` (or the last ``limit``); ``recover`` reads what the stream
+    dropped from the archive."""
     if since is not None:
         snapshot = await broker.read(channel, after=since, limit=limit, reverse=reverse)
+        if recover is not None and not snapshot.covers(since, epoch):
+            if not reverse:
+                snapshot, _ = await recover(channel, snapshot, since, epoch)
+                snapshot = replace(snapshot, events=snapshot.events[:limit])
+            elif len(snapshot.events) < limit:
+                older, _ = await recover(channel, replace(snapshot, events=[]), since, epoch)
+                room = limit - len(snapshot.events)
+                tail = list(reversed(older.events))[:room]
+                snapshot = replace(snapshot, events=[*snapshot.events, *tail])
     else:
         snapshot = await broker.read(channel, last=limit, reverse=reverse)
     events = [

@@ -107,9 +107,16 @@ async def _pump(
     gateway: Gateway, outbox: SseOutbox, subs: list[Subscription]
 ) -> AsyncIterator[str]:
     heartbeat = gateway.config.sse_heartbeat_s
+    # After a Redis interruption the stream ends (within a heartbeat): the client comes
+    # back with Last-Event-ID and the replay fills the gap or says it cannot.
+    interruptions = gateway.hub.stats.interruptions
     try:
         yield ": connected\n\n"
-        while not outbox.overflowed and not gateway.closing:
+        while (
+            not outbox.overflowed
+            and not gateway.closing
+            and gateway.hub.stats.interruptions == interruptions
+        ):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(outbox.wakeup.wait(), timeout=heartbeat)
             outbox.wakeup.clear()

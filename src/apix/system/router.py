@@ -7,8 +7,17 @@ from fastapi import Request, Response
 from apix import __version__
 from apix.core.routing import api_router
 from apix.infra.deps import DatabaseDep, RedisDep, SettingsDep
+from apix.realtime import archive
 from apix.system import service
-from apix.system.schemas import ApiLinks, ApiRoot, GatewayStatus, Liveness, Readiness, Status
+from apix.system.schemas import (
+    ApiLinks,
+    ApiRoot,
+    ArchiveStatus,
+    GatewayStatus,
+    Liveness,
+    Readiness,
+    Status,
+)
 
 router = api_router()
 
@@ -75,4 +84,8 @@ async def _status(
     gateway = getattr(state, "gateway", None)
     if gateway is not None:
         result.gateway = GatewayStatus.model_validate(gateway.stats())
+    if result.redis.ok:
+        result.archive = ArchiveStatus(
+            enabled=settings.worker.archive, **await archive.backlog(redis)
+        )
     return result

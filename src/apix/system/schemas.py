@@ -47,6 +47,15 @@ class GatewayStatus(BaseModel):
     send_buffer_bytes_max: int
 
 
+class ArchiveStatus(BaseModel):
+    """The event archive: what the archivers have yet to write to PostgreSQL."""
+
+    enabled: bool
+    events_behind: int
+    oldest_pending_age_s: float | None
+    archivers: int
+
+
 class Status(BaseModel):
     status: Literal["ok", "degraded"]
     version: str
@@ -57,6 +66,7 @@ class Status(BaseModel):
     redis: ComponentStatus
     migrations: MigrationStatus
     gateway: GatewayStatus | None = None
+    archive: ArchiveStatus | None = None
 
 
 class Liveness(BaseModel):

@@ -1,0 +1,377 @@
+"""The archiver: every tenant channel event, written once to PostgreSQL (`apix_event`).
+
+The publish script queues each event on its partition's archive stream (`archive_key`).
+Archivers read those streams through one consumer group. A partition is read by one
+archiver at a time (a lease in Redis), so a channel's events are archived in offset
+order and `archived` (in the channel's metadata, which trimming waits for) only ever
+names a position the archive holds everything up to. Archivers share the partitions
+fairly; when one dies its leases expire, and whoever takes a partition first claims the
+dead consumer's pending entries (XAUTOCLAIM) and writes them before anything newer.
+Rows are keyed by their stream position, so writing an entry twice is a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import socket
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+from sqlalchemy import text
+from sqlalchemy.dialects.postgresql import insert
+
+from apix.config import WorkerSettings
+from apix.core.json import loads
+from apix.core.logging import get_logger
+from apix.core.tasks import Periodic
+from apix.infra.database import Database
+from apix.realtime.broker import Broker, StoredEvent, event_payload, offset_key
+from apix.realtime.channels import (
+    PARTITIONS,
+    ChannelRef,
+    archive_key,
+    channel_prefix,
+    org_uuid,
+)
+from apix.realtime.models import ApixEvent
+
+log = get_logger(__name__)
+
+GROUP = "archivers"
+_WORKERS = "apix:archive:workers"  # sorted set: archiver → last heartbeat (ms)
+_BLOCK_MS = 500
+_UPKEEP_S = 3600.0
+_DAYS_AHEAD = 3
+_CLOCK_SLACK = timedelta(minutes=5)
+_ROWS_PER_INSERT = 1000  # 13 parameters a row, well under PostgreSQL's 32,767 per statement
+
+# KEYS: lease. ARGV: owner, ttl_ms. Extend the lease if we still hold it.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+# KEYS: lease. ARGV: owner. Give the lease up if we hold it.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def default_consumer() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _lease_key(partition: int) -> str:
+    return f"{archive_key(partition)}:lease"
+
+
+@dataclass
+class ArchiverStats:
+    archived: int = 0  # rows written (including rewrites that were no-ops)
+    batches: int = 0
+    skipped: int = 0  # malformed entries dropped
+    failures: int = 0
+
+
+class Archiver:
+    def __init__(
+        self,
+        redis: Redis,
+        database: Database,
+        broker: Broker,
+        settings: WorkerSettings,
+        *,
+        consumer: str | None = None,
+    ) -> None:
+        self.redis = redis
+        self.database = database
+        self.broker = broker
+        self.settings = settings
+        self.consumer = consumer or default_consumer()
+        self.owned: set[int] = set()
+        self._draining: set[int] = set()  # owned partitions whose pending entries come first
+        self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
+        self._next_leases = 0.0
+        self._retry_at = 0.0
+        self._failures_in_a_row = 0
+        self.stats = ArchiverStats()
+        self._loops = [
+            Periodic("apix-archiver", 0.0, self.step),
+            Periodic("apix-archive-upkeep", _UPKEEP_S, self.upkeep),
+        ]
+
+    async def start(self) -> None:
+        try:
+            await self.upkeep()
+        except Exception:
+            log.warning("archive: partition upkeep failed; retrying later", exc_info=True)
+        for loop in self._loops:
+            loop.start()
+
+    async def stop(self) -> None:
+        for loop in self._loops:
+            await loop.stop()
+        try:
+            await self._give_up(set(self.owned))
+            await self.redis.zrem(_WORKERS, self.consumer)
+        except Exception:
+            log.warning("archive: could not release leases; they expire", exc_info=True)
+
+    # --- one round ---------------------------------------------------------------------
+
+    async def step(self) -> None:
+        now = time.monotonic()
+        if now < self._retry_at:
+            await asyncio.sleep(min(0.2, self._retry_at - now))
+            return
+        try:
+            if now >= self._next_leases:
+                await self.balance()
+                self._next_leases = now + self.settings.lease_ms / 3000
+            if not self.owned:
+                await asyncio.sleep(_BLOCK_MS / 1000)
+                return
+            await self.archive_once()
+            self._failures_in_a_row = 0
+        except Exception:
+            # PostgreSQL or Redis is away: entries stay pending and are written once it is
+            # back (pending entries are read first again).
+            self.stats.failures += 1
+            self._failures_in_a_row += 1
+            self._draining |= self.owned
+            delay = min(5.0, 0.1 * 2**self._failures_in_a_row)
+            self._retry_at = time.monotonic() + delay
+            log.warning("archive: round failed; retrying", retry_in_s=delay, exc_info=True)
+
+    async def archive_once(self) -> int:
+        """Read one batch from the owned partitions and write it; returns entries handled."""
+        partitions = sorted(self.owned)
+        streams: dict[Any, Any] = {
+            archive_key(p): ("0" if p in self._draining else ">") for p in partitions
+        }
+        block = None if any(i == "0" for i in streams.values()) else _BLOCK_MS
+        replies: Any = await self.redis.xreadgroup(
+            GROUP, self.consumer, streams, count=self.settings.archive_batch, block=block
+        )
+        entries: list[tuple[str, str, dict[bytes, bytes] | None]] = []
+        for key_raw, items in replies or []:
+            key = key_raw.decode() if isinstance(key_raw, bytes) else key_raw
+            if not items and streams.get(key) == "0":
+                self._draining.discard(int(key.rsplit("{p", 1)[1].rstrip("}")))
+            entries.extend((key, entry_id.decode(), fields) for entry_id, fields in items)
+        if entries:
+            await self.write(entries)
+        return len(entries)
+
+    async def write(self, entries: Sequence[tuple[str, str, dict[bytes, bytes] | None]]) -> None:
+        rows: dict[uuid.UUID, list[dict[str, Any]]] = defaultdict(list)
+        positions: dict[str, tuple[str, str]] = {}  # meta key → (epoch, newest offset)
+        for _key, _entry_id, fields in entries:
+            row = _row(fields)
+            if row is None:
+                self.stats.skipped += 1
+                continue
+            rows[row["org_id"]].append(row)
+            positions[f"{channel_prefix(str(row['org_id']), row['channel'])}:m"] = (
+                row["epoch"],
+                f"{row['offset_ms']}-{row['offset_seq']}",
+            )
+        if rows:
+            async with self.database.engine.begin() as conn:
+                for org_id, org_rows in rows.items():
+                    # The archive is under row-level security like every tenant table.
+                    await conn.execute(
+                        text("SELECT set_config('apix.org_id', :org, true)"), {"org": str(org_id)}
+                    )
+                    for start in range(0, len(org_rows), _ROWS_PER_INSERT):
+                        chunk = org_rows[start : start + _ROWS_PER_INSERT]
+                        await conn.execute(insert(ApixEvent).values(chunk).on_conflict_do_nothing())
+        await self.broker.mark_archived([(m, e, o) for m, (e, o) in positions.items()])
+        by_stream: dict[str, list[str]] = defaultdict(list)
+        for key, entry_id, _fields in entries:
+            by_stream[key].append(entry_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, ids in by_stream.items():
+                pipe.xack(key, GROUP, *ids)
+                pipe.xdel(key, *ids)
+            await pipe.execute()
+        self.stats.archived += sum(len(r) for r in rows.values())
+        self.stats.batches += 1
+
+    # --- partitions --------------------------------------------------------------------
+
+    async def balance(self) -> None:
+        """Heartbeat, keep our leases, and take or give partitions towards a fair share."""
+        now_ms = int(time.time() * 1000)
+        ttl = self.settings.lease_ms
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(_WORKERS, {self.consumer: now_ms})
+            pipe.zremrangebyscore(_WORKERS, "-inf", now_ms - ttl)
+            pipe.zcard(_WORKERS)
+            owned = sorted(self.owned)
+            for p in owned:
+                await self._renew(keys=[_lease_key(p)], args=[self.consumer, ttl], client=pipe)
+            _, _, live, *renewed = await pipe.execute()
+        for p, ok in zip(owned, renewed, strict=True):
+            if not ok:
+                log.warning("archive: lost a partition lease", partition=p)
+                self.owned.discard(p)
+                self._draining.discard(p)
+        share = math.ceil(PARTITIONS / max(1, int(live)))
+        if len(self.owned) > share:
+            await self._give_up(set(sorted(self.owned)[share:]))
+            return
+        for p in range(PARTITIONS):
+            if len(self.owned) >= share:
+                break
+            if p in self.owned:
+                continue
+            if await self.redis.set(_lease_key(p), self.consumer, nx=True, px=ttl):
+                await self._take(p)
+
+    async def _take(self, partition: int) -> None:
+        key = archive_key(partition)
+        try:
+            await self.redis.xgroup_create(key, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        # Whatever another archiver had read but not written is ours now, to write first.
+        start = "0-0"
+        while True:
+            start, claimed, *_ = await self.redis.xautoclaim(
+                key, GROUP, self.consumer, min_idle_time=0, start_id=start, count=1000
+            )
+            start = start.decode() if isinstance(start, bytes) else start
+            if start == "0-0" or not claimed:
+                break
+        self.owned.add(partition)
+        self._draining.add(partition)
+
+    async def _give_up(self, partitions: set[int]) -> None:
+        for p in partitions:
+            await self._release(keys=[_lease_key(p)], args=[self.consumer])
+            self.owned.discard(p)
+            self._draining.discard(p)
+
+    async def upkeep(self) -> None:
+        """Make the coming days' partitions; drop those past retention."""
+        async with self.database.engine.begin() as conn:
+            await conn.execute(
+                text("SELECT apix_event_ensure_partitions(:days)"), {"days": _DAYS_AHEAD}
+            )
+            await conn.execute(
+                text("SELECT apix_event_drop_partitions(:keep)"),
+                {"keep": self.settings.archive_retention_days},
+            )
+
+
+def _row(fields: dict[bytes, bytes] | None) -> dict[str, Any] | None:
+    """The `apix_event` row of an archive entry, or None for an entry we cannot read."""
+    if not fields:
+        return None  # deleted from the stream meanwhile: nothing left to write
+    try:
+        tenant = fields[b"t"].decode()
+        channel = fields[b"c"].decode()
+        offset = fields[b"o"].decode()
+        event = loads(fields[b"d"])
+        ms, seq = offset_key(offset)
+        meta = event.get("meta") or {}
+        namespace, _, key = channel.partition(":")
+        return {
+            "org_id": uuid.UUID(tenant),
+            "channel": channel,
+            "epoch": fields[b"e"].decode(),
+            "offset_ms": ms,
+            "offset_seq": seq,
+            # The publish time: part of the key, so a rewrite lands in the same partition.
+            "created_at": datetime.fromtimestamp(int(event.get("ts", ms)) / 1000, UTC),
+            "id": str(event["id"]),
+            "type": str(event["type"])[:100],
+            "payload": event.get("data"),
+            "metadata_": meta,
+            "session_id": key if namespace == "sessions" else meta.get("session_id"),
+        }
+    except (KeyError, ValueError, TypeError, AttributeError):
+        log.warning("archive: dropping an unreadable entry")
+        return None
+
+
+async def read(
+    database: Database,
+    channel: ChannelRef,
+    *,
+    epoch: str,
+    after: str,
+    upto: str,
+    limit: int,
+) -> list[StoredEvent]:
+    """Archived events of ``channel`` (``epoch``) after ``after`` up to ``upto``, in order."""
+    org_id = org_uuid(channel)
+    if org_id is None:
+        return []
+    after_ms, after_seq = offset_key(after)
+    upto_ms, upto_seq = offset_key(upto)
+    async with database.transaction(org_id) as uow:
+        result = await uow.session.execute(
+            text(
+                "SELECT offset_ms, offset_seq, id, type, created_at, payload, metadata "
+                "FROM apix_event WHERE org_id = :org AND channel = :channel AND epoch = :epoch "
+                "AND (offset_ms, offset_seq) > (:after_ms, :after_seq) "
+                "AND (offset_ms, offset_seq) <= (:upto_ms, :upto_seq) "
+                # Publish times trail offsets by moments: this lets old partitions be skipped.
+                "AND created_at >= :since "
+                "ORDER BY offset_ms, offset_seq LIMIT :limit"
+            ),
+            {
+                "org": org_id,
+                "channel": channel.name,
+                "epoch": epoch,
+                "after_ms": after_ms,
+                "after_seq": after_seq,
+                "upto_ms": upto_ms,
+                "upto_seq": upto_seq,
+                "since": datetime.fromtimestamp(after_ms / 1000, UTC) - _CLOCK_SLACK,
+                "limit": limit,
+            },
+        )
+        rows = result.all()
+    return [
+        StoredEvent(
+            f"{ms}-{seq}",
+            event_payload(event_id, event_type, int(created.timestamp() * 1000), data, meta),
+        )
+        for ms, seq, event_id, event_type, created, data, meta in rows
+    ]
+
+
+async def backlog(redis: Redis) -> dict[str, Any]:
+    """Events not archived yet, the age of the oldest, and the live archivers (status)."""
+    now_ms = int(time.time() * 1000)
+    async with redis.pipeline(transaction=False) as pipe:
+        for p in range(PARTITIONS):
+            pipe.xlen(archive_key(p))
+            pipe.xrange(archive_key(p), "-", "+", count=1)
+        pipe.zcount(_WORKERS, now_ms - 60_000, "+inf")
+        *replies, workers = await pipe.execute()
+    lengths, heads = replies[0::2], replies[1::2]
+    oldest = min((offset_key(head[0][0].decode())[0] for head in heads if head), default=None)
+    return {
+        "events_behind": int(sum(lengths)),
+        "oldest_pending_age_s": None if oldest is None else round((now_ms - oldest) / 1000, 3),
+        "archivers": int(workers),
+    }

@@ -31,20 +31,27 @@ async def record(
     target_id: Any = None,
     outcome: str = "success",
     details: dict[str, Any] | None = None,
-) -> None:
-    uow.session.add(
-        AuditLog(
-            org_id=org_id,
-            actor_user_id=actor_user_id,
-            actor_api_key_id=actor_api_key_id,
-            action=action,
-            target_type=target_type,
-            target_id=None if target_id is None else str(target_id),
-            outcome=outcome,
-            ip=meta.ip,
-            user_agent=meta.user_agent[:512] if meta.user_agent else None,
-            request_id=meta.request_id,
-            details=details or {},
-        )
+    source: str = "app",
+) -> AuditLog:
+    """Append an event to ``org_id``'s chain (the platform's when None).
+
+    The database links the row (seq, hashes, time) and holds the chain's lock until the
+    caller's transaction ends, so concurrent writers to one organisation queue, never fork.
+    """
+    entry = AuditLog(
+        org_id=org_id,
+        actor_user_id=actor_user_id,
+        actor_api_key_id=actor_api_key_id,
+        action=action,
+        target_type=target_type,
+        target_id=None if target_id is None else str(target_id),
+        outcome=outcome,
+        source=source,
+        ip=meta.ip,
+        user_agent=meta.user_agent[:512] if meta.user_agent else None,
+        request_id=meta.request_id,
+        details=details or {},
     )
+    uow.session.add(entry)
     await uow.session.flush()
+    return entry

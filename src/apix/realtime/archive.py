@@ -147,7 +147,14 @@ class Archiver:
                 return
             await self.archive_once()
             self._failures_in_a_row = 0
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                # Redis lost its data (restarted without persistence): leases are gone too.
+                log.warning("archive: consumer group gone; taking partitions again")
+                self.owned.clear()
+                self._draining.clear()
+                self._next_leases = 0.0
+                return
             # PostgreSQL or Redis is away: entries stay pending and are written once it is
             # back (pending entries are read first again).
             self.stats.failures += 1

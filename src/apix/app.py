@@ -30,6 +30,7 @@ from apix.identity.runtime import IdentityRuntime
 from apix.infra.database import Database
 from apix.infra.migrate import head_revision
 from apix.infra.redis import create_redis
+from apix.providers import router as providers_router
 from apix.realtime import router as realtime_router
 from apix.realtime.archive import Archiver
 from apix.realtime.gateway import Gateway
@@ -120,6 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(identity_router.keys_router)
     app.include_router(admin_router.router)
     app.include_router(realtime_router.router)
+    app.include_router(providers_router.router)
     app.router.routes.append(WebSocketRoute("/api/v1/apix/ws", _WebSocketEndpoint(app)))
     _mount_docs(app)
     return app

@@ -179,6 +179,58 @@ class LogSettings(BaseModel):
     )
 
 
+class ModelPrice(BaseModel):
+    """List price of one model, in US dollars per million tokens."""
+
+    input_per_mtok: float = Field(ge=0, description="USD per million input (prompt) tokens.")
+    output_per_mtok: float = Field(ge=0, description="USD per million output tokens.")
+
+
+def _default_prices() -> dict[str, ModelPrice]:
+    # Public list prices when this was written; operators set their own table.
+    table = {
+        "gpt-4o": (2.5, 10.0),
+        "gpt-4o-mini": (0.15, 0.6),
+        "gpt-4.1": (2.0, 8.0),
+        "gpt-4.1-mini": (0.4, 1.6),
+        "claude-3-5-haiku": (0.8, 4.0),
+        "claude-3-5-sonnet": (3.0, 15.0),
+        "claude-sonnet-4": (3.0, 15.0),
+        "claude-opus-4": (15.0, 75.0),
+        "gemini-2.0-flash": (0.1, 0.4),
+        "gemini-1.5-flash": (0.075, 0.3),
+    }
+    return {m: ModelPrice(input_per_mtok=i, output_per_mtok=o) for m, (i, o) in table.items()}
+
+
+class ProvidersSettings(BaseModel):
+    prices: dict[str, ModelPrice] = Field(
+        default_factory=_default_prices,
+        description="Price table: model name (or name prefix) to "
+        '`{"input_per_mtok": …, "output_per_mtok": …}` in USD per million tokens; each '
+        "organisation can override entries.",
+    )
+    retry_attempts: int = Field(
+        3, ge=1, le=10, description="Attempts on one provider (the first included) before failover."
+    )
+    retry_initial_s: float = Field(
+        0.5, gt=0, description="First wait before a retry; doubles with jitter after each."
+    )
+    retry_max_s: float = Field(8.0, gt=0, description="Longest wait between two retries.")
+    breaker_failures: int = Field(
+        5, ge=1, description="Consecutive failed calls that open a provider's circuit."
+    )
+    breaker_open_s: float = Field(
+        30.0, gt=0, description="How long an open circuit is skipped before a half-open probe."
+    )
+    health_window: int = Field(
+        100, ge=10, le=10_000, description="Recent calls per provider that health is computed from."
+    )
+    degraded_error_rate: float = Field(
+        0.2, gt=0, le=1, description="Error rate over the window at which a provider is `degraded`."
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="APIX_",
@@ -220,6 +272,7 @@ class Settings(BaseSettings):
     realtime: RealtimeSettings = Field(default_factory=RealtimeSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    providers: ProvidersSettings = Field(default_factory=ProvidersSettings)
 
     @model_validator(mode="after")
     def _no_placeholder_secrets_in_production(self) -> Settings:

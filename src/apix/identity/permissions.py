@@ -68,4 +68,7 @@ grant(
     "audit:read",
     "apix:admin",
 )
+# AI providers: developers read them (never their keys) and call them; admins manage them.
+grant(Role.DEVELOPER, "providers:read", "providers:use")
+grant(Role.ORG_ADMIN, "providers:write")
 grant(Role.SUPER_ADMIN, "platform:organizations", "platform:admin")

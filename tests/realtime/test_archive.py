@@ -34,7 +34,11 @@ MAX_LEN = 1000  # what `agents:` keeps in Redis
 @pytest.fixture
 def settings(servers: Servers) -> Settings:
     # This module's nodes run the archiver in-process, as `apix serve` does by default.
-    return make_settings(servers, worker=WorkerSettings(embedded=True, lease_ms=1000))
+    return make_settings(
+        servers,
+        worker=WorkerSettings(embedded=True, lease_ms=1000),
+        realtime={"ack_timeout_ms": 1500, "redelivery_backoff_ms": [100], "max_attempts": 2},
+    )
 
 
 async def publish_many(
@@ -109,6 +113,39 @@ async def test_every_event_is_archived_once_with_its_content(
     status = (await client.get("/api/v1/status")).json()
     assert status["archive"]["enabled"] is True
     assert status["archive"]["archivers"] >= 1
+
+
+async def test_a_dead_lettered_event_is_marked_in_the_archive(
+    client: httpx.AsyncClient, live: LiveServer, servers: Servers
+) -> None:
+    admin = await new_org_admin(client)
+    async with connected(live.ws, admin.access_token) as raw:
+        await raw.subscribe("room:acks", ack=True)
+        sent = await http_publish(client, admin.headers, "room:acks", data="never acked")
+        assert [e["attempt"] for e in await raw.events(2, timeout=10)] == [1, 2]
+        deadline = time.monotonic() + 10
+        while True:
+            states = await archived_ack_states(servers, admin.org_id, "room:acks")
+            if (sent["offset"], "dead_lettered", 2) in states:
+                break
+            assert time.monotonic() < deadline, states
+            await asyncio.sleep(0.1)
+
+
+async def archived_ack_states(
+    servers: Servers, org_id: str, channel: str
+) -> list[tuple[str, str, int]]:
+    database = Database(servers.database_url, DatabaseSettings())
+    try:
+        async with database.transaction(uuid.UUID(org_id)) as uow:
+            result = await uow.session.execute(
+                text(
+                    "SELECT offset_ms || '-' || offset_seq, ack_state, retry_count FROM apix_event"
+                )
+            )
+            return [(str(o), str(a), int(r)) for o, a, r in result.all()]
+    finally:
+        await database.dispose()
 
 
 async def test_another_tenant_never_sees_archived_events(

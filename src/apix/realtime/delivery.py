@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
+from sqlalchemy import update
 
 from apix.config import RealtimeSettings
 from apix.core.json import dumps, loads
@@ -36,7 +37,7 @@ from apix.infra.database import Database
 from apix.realtime.broker import Broker, event_frame, offset_key
 from apix.realtime.channels import ChannelRef, org_uuid
 from apix.realtime.hub import Subscription
-from apix.realtime.models import ApixDeadLetter
+from apix.realtime.models import ApixDeadLetter, ApixEvent
 
 if TYPE_CHECKING:
     from apix.realtime.gateway import ClientConnection
@@ -292,6 +293,20 @@ class Redelivery:
                 uow.session.add(row)
                 await uow.session.flush()
                 dead_letter_id: uuid.UUID | None = row.id
+                # The archived copy records the failure too (when the archiver has written
+                # it already: it is normally seconds ahead of the first ack timeout).
+                ms, seq = offset_key(offset)
+                await uow.session.execute(
+                    update(ApixEvent)
+                    .where(
+                        ApixEvent.org_id == org_id,
+                        ApixEvent.channel == sub.channel.name,
+                        ApixEvent.epoch == epoch,
+                        ApixEvent.offset_ms == ms,
+                        ApixEvent.offset_seq == seq,
+                    )
+                    .values(ack_state="dead_lettered", retry_count=attempts)
+                )
         else:
             dead_letter_id = None
         await self.on_failed(

@@ -44,10 +44,13 @@ class Servers:
     data_dir: Path  # signing keys and other node files
 
 
-def _worker_index(worker_id: str) -> int:
-    """This worker's slot: ``APIX_TEST_SLOT`` (0 to 3) keeps concurrent pytest runs apart."""
+def _worker_index(worker_id: str) -> tuple[int, int]:
+    """(database number, Redis db) of this xdist worker; ``APIX_TEST_SLOT`` (0 to 6) keeps
+    concurrent pytest runs (of at most two workers each) apart."""
     worker = 0 if worker_id == "master" else int(worker_id.removeprefix("gw"))
-    return int(os.environ.get("APIX_TEST_SLOT", "0")) * 4 + worker
+    slot = int(os.environ.get("APIX_TEST_SLOT", "0"))
+    redis_db = 1 + 4 * slot if slot < 4 else 3 + 4 * (slot - 4)  # dbs 1-15, none shared
+    return slot * 4 + worker, redis_db + worker
 
 
 def _redis_db_url(url: str, db: int) -> str:
@@ -72,7 +75,7 @@ async def _recreate_database(server_url: str, name: str) -> str:
 
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Iterator[Servers]:
-    index = _worker_index(worker_id)
+    index, redis_db = _worker_index(worker_id)
     embedded = EmbeddedServers(tmp_path_factory.mktemp("servers"))
     database_url = os.environ.get("APIX_TEST_DATABASE_URL")
     redis_url = os.environ.get("APIX_TEST_REDIS_URL")
@@ -91,7 +94,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Iterato
         base_redis = redis_url or started_redis
         assert base_redis is not None
         yield Servers(
-            owner_url, _redis_db_url(base_redis, 1 + index), tmp_path_factory.mktemp("data")
+            owner_url, _redis_db_url(base_redis, redis_db), tmp_path_factory.mktemp("data")
         )
     finally:
         embedded.stop()

@@ -29,7 +29,8 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from apix.core.logging import get_logger
@@ -267,7 +268,9 @@ async def _on_provider(
     retrying = AsyncRetrying(
         # A half-open probe is a single call: its outcome decides the circuit.
         stop=stop_after_attempt(1 if probe else settings.retry_attempts),
-        wait=wait_exponential_jitter(initial=settings.retry_initial_s, max=settings.retry_max_s),
+        # initial * 2^(n-1), capped, plus up to `initial` of jitter.
+        wait=wait_exponential(multiplier=settings.retry_initial_s, max=settings.retry_max_s)
+        + wait_random(0, settings.retry_initial_s),
         retry=retry_if_exception(worth_retrying),
         before=count,
         reraise=True,

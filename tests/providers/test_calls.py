@@ -110,6 +110,8 @@ async def test_a_failing_test_call_returns_the_providers_typed_error(
         assert error_body["message"] == "Incorrect API key provided"
     # A test is a single call: no retry even for retryable errors.
     assert len(server.calls) == 1
+    usage = await client.get(f"{PROVIDERS}/{provider['id']}/usage", headers=admin.headers)
+    assert usage.json()["totals"]["failed_calls"] == 1
 
 
 async def test_a_test_call_to_an_unreachable_server_is_unavailable(

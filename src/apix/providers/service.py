@@ -322,6 +322,15 @@ async def try_provider(
     except ProviderCallError as exc:
         latency = _since(started)
         await rt.health.record(config, latency_ms=latency, error=exc)
+        await usage.record_call(
+            rt.database,
+            rt.settings,
+            org_id,
+            provider_id=row.id,
+            agent_id=None,
+            model=model,
+            usage=None,
+        )
         return ProviderTestResult(
             ok=False,
             provider_id=row.id,

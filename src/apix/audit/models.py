@@ -36,6 +36,8 @@ class AuditLog(Base):
         Index("ix_audit_log_org_id_actor_user_id", "org_id", "actor_user_id"),
         UniqueConstraint("org_id", "seq", postgresql_nulls_not_distinct=True),
     )
+    # The insert returns what the trigger set, so a recorded row can be shown at once.
+    __mapper_args__ = {"eager_defaults": True}  # noqa: RUF012 - SQLAlchemy's own convention
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
     # NULL for platform-level events with no organisation (e.g. a failed login for an

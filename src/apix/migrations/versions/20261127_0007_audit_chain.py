@@ -116,7 +116,7 @@ BEGIN
         SELECT 1 FROM audit_log
         WHERE org_id IS NOT DISTINCT FROM p_org
           AND seq > p_through_seq
-          AND action = 'audit.checkpoint'
+          AND action = 'audit.checkpoint' AND source = 'system'
           AND details->>'through_seq' = p_through_seq::text
           AND details->>'through_hash' = through_hash
     ) THEN

@@ -18,6 +18,7 @@ from starlette.routing import WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
 from apix import __version__
+from apix.agents import router as agents_router
 from apix.config import Settings, get_settings
 from apix.core.errors import ErrorResponse
 from apix.core.handlers import install_error_handlers
@@ -32,9 +33,9 @@ from apix.infra.migrate import head_revision
 from apix.infra.redis import create_redis
 from apix.providers import router as providers_router
 from apix.realtime import router as realtime_router
-from apix.realtime.archive import Archiver
 from apix.realtime.gateway import Gateway
 from apix.system.router import router as system_router
+from apix.worker import Workers
 
 log = get_logger(__name__)
 
@@ -62,20 +63,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis = redis
         app.state.identity = identity = IdentityRuntime.create(settings, database, redis)
         app.state.gateway = gateway = Gateway(settings, identity, redis)
-        archiver = None
-        if settings.worker.embedded and settings.worker.archive:
-            archiver = Archiver(
-                redis,
-                database,
-                gateway.broker,
-                settings.worker,
-                consumer=f"{settings.node_id}:{os.getpid()}",
-            )
+        workers = None
+        if settings.worker.embedded:
+            name = f"{settings.node_id}:{os.getpid()}"
+            workers = Workers(settings, database, redis, gateway.broker, name=name)
+        app.state.workers = workers
         try:
             await identity.resync()
             await gateway.start()
-            if archiver is not None:
-                await archiver.start()
+            if workers is not None:
+                await workers.start()
         except Exception:
             # A node must still start (and report not ready) when a server is down or the
             # schema is behind; `/readyz` says why.
@@ -83,8 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            if archiver is not None:
-                await archiver.stop()
+            if workers is not None:
+                await workers.stop()
             await gateway.stop()
             await redis.aclose()
             await database.dispose()
@@ -121,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(identity_router.keys_router)
     app.include_router(admin_router.router)
     app.include_router(realtime_router.router)
+    app.include_router(agents_router.router)
     app.include_router(providers_router.router)
     app.router.routes.append(WebSocketRoute("/api/v1/apix/ws", _WebSocketEndpoint(app)))
     _mount_docs(app)

@@ -166,6 +166,19 @@ class WorkerSettings(BaseModel):
         description="Partition lease of an archiver: a crashed archiver's partitions are "
         "taken over (with its unwritten entries) after this.",
     )
+    max_runs: int = Field(8, ge=1, le=1000, description="Agent runs one worker executes at once.")
+    run_claim_ms: int = Field(
+        60_000,
+        ge=1000,
+        description="A queued run held this long by a worker that stopped heartbeating is "
+        "taken over: failed cleanly (`worker_lost`) if it had started, else run.",
+    )
+    context_tokens: int = Field(
+        8000,
+        ge=256,
+        description="Prompt budget of a run (estimated at 4 characters a token): the system "
+        "prompt, session variables, the input and as many recent messages as fit.",
+    )
 
 
 class LogSettings(BaseModel):

@@ -1,7 +1,7 @@
-"""`apix worker`: the background workers, in a process of their own.
+"""The background workers: the event archiver and the agent-run runner.
 
-`apix serve` nodes run the same workers in-process unless `worker.embedded` is false; a
-dedicated worker process lets them scale and restart apart from the API.
+`apix serve` nodes run them in-process unless `worker.embedded` is false; `apix worker`
+runs them in a process of their own, to scale and restart apart from the API.
 """
 
 from __future__ import annotations
@@ -10,14 +10,48 @@ import asyncio
 import os
 import signal
 
+from redis.asyncio import Redis
+
+from apix.agents.runner import Runner
+from apix.agents.service import AgentsRuntime
 from apix.config import Settings
 from apix.core.logging import get_logger
 from apix.infra.database import Database
 from apix.infra.redis import create_redis
+from apix.providers.runtime import ProvidersRuntime
 from apix.realtime.archive import Archiver
 from apix.realtime.broker import Broker
 
 log = get_logger(__name__)
+
+
+class Workers:
+    """Every background worker of one process, started and stopped together."""
+
+    def __init__(
+        self, settings: Settings, database: Database, redis: Redis, broker: Broker, *, name: str
+    ) -> None:
+        self.archiver = (
+            Archiver(redis, database, broker, settings.worker, consumer=name)
+            if settings.worker.archive
+            else None
+        )
+        self.runner = Runner(
+            AgentsRuntime(database, redis, broker),
+            ProvidersRuntime.create(settings, database, redis, broker),
+            settings.worker,
+            consumer=name,
+        )
+
+    async def start(self) -> None:
+        if self.archiver is not None:
+            await self.archiver.start()
+        await self.runner.start()
+
+    async def stop(self) -> None:
+        await self.runner.stop()
+        if self.archiver is not None:
+            await self.archiver.stop()
 
 
 async def run_worker(settings: Settings, *, consumer: str | None = None) -> None:
@@ -27,21 +61,19 @@ async def run_worker(settings: Settings, *, consumer: str | None = None) -> None
     database = Database(settings.database_url, settings.database)
     redis = create_redis(settings.redis_url, settings.redis)
     name = consumer or f"{settings.node_id}:worker:{os.getpid()}"
-    archiver = Archiver(
-        redis, database, Broker(redis, source=f"apix-worker:{name}"), settings.worker, consumer=name
+    workers = Workers(
+        settings, database, redis, Broker(redis, source=f"apix-worker:{name}"), name=name
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        if settings.worker.archive:
-            await archiver.start()
+        await workers.start()
         log.info("worker started", consumer=name, archive=settings.worker.archive)
         await stop.wait()
     finally:
         log.info("worker stopping", consumer=name)
-        if settings.worker.archive:
-            await archiver.stop()
+        await workers.stop()
         await redis.aclose()
         await database.dispose()

@@ -11,7 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 
+from apix.core.security import SecretBox
 from apix.providers import routing
 from apix.providers.events import ProviderFallback
 from apix.providers.runtime import ProvidersRuntime
@@ -331,3 +333,28 @@ async def test_completions_need_providers_use(
     response = await complete(client, viewer, provider_id=provider["id"])
     assert response.status_code == 403
     assert fake_openai.calls == []
+
+
+async def test_a_key_that_cannot_be_decrypted_fails_over_and_says_why(
+    client: httpx.AsyncClient,
+    admin: Account,
+    owner_engine: Any,
+    fake_openai: FakeOpenAI,
+    fake_openai_2: FakeOpenAI,
+) -> None:
+    a, b = await _pair(client, admin, fake_openai, fake_openai_2)
+    # As if APIX_SECRET_KEY had changed since the key was stored.
+    stranger = SecretBox("another-secret-key-of-another-node", purpose="providers")
+    async with owner_engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE provider SET api_key_encrypted = :c WHERE id = :id"),
+            {"c": stranger.encrypt("sk-whatever"), "id": a["id"]},
+        )
+    result = _ok(await complete(client, admin, policy="fallback"))
+    assert result["provider_id"] == b["id"]
+    assert result["hops"][0]["reason"] == "provider_auth_error"
+    assert "set it again" in result["hops"][0]["message"]
+    assert fake_openai.calls == []
+    tested = await client.post(f"{PROVIDERS}/{a['id']}/test", headers=admin.headers)
+    assert tested.status_code == 200
+    assert tested.json()["error"]["code"] == "provider_auth_error"

@@ -92,6 +92,17 @@ Target = ProviderTarget | Policy
 class Candidate:
     config: ProviderConfig
     model: str
+    # Why it cannot be called at all (its stored key cannot be decrypted), if so.
+    unusable: ProviderCallError | None = None
+
+
+def _candidate(rt: ProvidersRuntime, row: Provider, model: str | None) -> Candidate:
+    try:
+        config = rt.config(row)
+    except ProviderCallError as exc:
+        config = rt.config(row, with_key=False)
+        return Candidate(config, model or config.default_model, unusable=exc)
+    return Candidate(config, model or config.default_model)
 
 
 async def route(
@@ -124,13 +135,13 @@ async def route(
             rows = [primary]
             if target == "fallback":
                 rows += await _chain(uow, org_id, primary.fallback_ids)
-        configs = [rt.config(row) for row in rows if capability in row.capabilities]
+        usable = [row for row in rows if capability in row.capabilities]
+        candidates = [
+            _candidate(rt, row, model if i == 0 else None) for i, row in enumerate(usable)
+        ]
     if target == "lowest_latency":
-        configs = await _by_latency(rt, org_id, configs)
-    return [
-        Candidate(config, (model if i == 0 and model else None) or config.default_model)
-        for i, config in enumerate(configs)
-    ]
+        candidates = await _by_latency(rt, org_id, candidates)
+    return candidates
 
 
 async def _chain(uow: UnitOfWork, org_id: uuid.UUID, ids: list[uuid.UUID]) -> list[Provider]:
@@ -140,11 +151,11 @@ async def _chain(uow: UnitOfWork, org_id: uuid.UUID, ids: list[uuid.UUID]) -> li
 
 
 async def _by_latency(
-    rt: ProvidersRuntime, org_id: uuid.UUID, configs: list[ProviderConfig]
-) -> list[ProviderConfig]:
-    healths = await rt.health.get(org_id, [c.id for c in configs])
+    rt: ProvidersRuntime, org_id: uuid.UUID, candidates: list[Candidate]
+) -> list[Candidate]:
+    healths = await rt.health.get(org_id, [c.config.id for c in candidates])
 
-    def key(pair: tuple[ProviderConfig, ProviderHealth]) -> tuple[int, float]:
+    def key(pair: tuple[Candidate, ProviderHealth]) -> tuple[int, float]:
         health = pair[1]
         if health.circuit != "closed":
             return 2, 0.0
@@ -153,12 +164,12 @@ async def _by_latency(
         # Not measured yet: after the measured ones, by its last check if any.
         return 1, health.check_latency_ms or float("inf")
 
-    return [c for c, _ in sorted(zip(configs, healths, strict=True), key=key)]
+    return [c for c, _ in sorted(zip(candidates, healths, strict=True), key=key)]
 
 
 @dataclass
 class _Attempt:
-    """One provider's turn: its chunks so far and how it ended."""
+    """One provider's turn: the attempts made, and whether it answered in part."""
 
     candidate: Candidate
     attempts: int = 0
@@ -187,14 +198,30 @@ async def stream(
         raise NoProviderAvailable(f"no provider of this organization offers {capability!r}")
     hops: list[ProviderFallback] = []
     last_error: ProviderCallError | None = None
+
+    async def report(hop: ProviderFallback) -> None:
+        hops.append(hop)
+        log.warning(
+            "provider skipped or failed; failing over",
+            provider_id=str(hop.from_provider_id),
+            org_id=str(org_id),
+            reason=hop.reason,
+            to=str(hop.to_provider_id) if hop.to_provider_id else None,
+        )
+        if on_fallback is not None:
+            await on_fallback(hop)
+
     for index, candidate in enumerate(candidates):
         following = candidates[index + 1] if index + 1 < len(candidates) else None
+        if candidate.unusable is not None:
+            last_error = candidate.unusable
+            await report(_hop(candidate, following, last_error.code, last_error.message, 0))
+            continue
         admission = await rt.health.admit(candidate.config)
         if not admission.allowed:
-            hop = _hop(candidate, following, "circuit_open", "the provider's circuit is open", 0)
-            hops.append(hop)
-            if on_fallback is not None:
-                await on_fallback(hop)
+            await report(
+                _hop(candidate, following, "circuit_open", "the provider's circuit is open", 0)
+            )
             continue
         turn = _Attempt(candidate)
         try:
@@ -209,17 +236,9 @@ async def stream(
             last_error = exc
             if turn.emitted:
                 yield Reset(candidate.config.id, exc.code)
-            hop = _hop(candidate, following, exc.code, exc.message, turn.attempts, turn.emitted)
-            hops.append(hop)
-            log.warning(
-                "provider failed; failing over",
-                provider_id=str(candidate.config.id),
-                org_id=str(org_id),
-                reason=exc.code,
-                to=str(following.config.id) if following else None,
+            await report(
+                _hop(candidate, following, exc.code, exc.message, turn.attempts, turn.emitted)
             )
-            if on_fallback is not None:
-                await on_fallback(hop)
     raise NoProviderAvailable(
         last_error.message if last_error else "every provider's circuit is open",
         details={"hops": [h.model_dump(mode="json") for h in hops]},

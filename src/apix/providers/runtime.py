@@ -43,8 +43,11 @@ class ProvidersRuntime:
             health=Health(redis, settings.providers, broker),
         )
 
-    def config(self, row: Provider) -> ProviderConfig:
-        """The provider ready to call, its key decrypted (kept out of `repr`)."""
+    def config(self, row: Provider, *, with_key: bool = True) -> ProviderConfig:
+        """The provider ready to call, its key decrypted (kept out of `repr`).
+
+        Raises `ProviderAuthError` when the stored key cannot be decrypted.
+        """
         kind = kind_of(row.kind)
         return ProviderConfig(
             id=row.id,
@@ -57,7 +60,7 @@ class ProvidersRuntime:
             timeout_s=row.timeout_s,
             fallback_ids=tuple(row.fallback_ids),
             is_primary=row.is_primary,
-            api_key=self._decrypt(row),
+            api_key=self._decrypt(row) if with_key else None,
         )
 
     def _decrypt(self, row: Provider) -> str | None:

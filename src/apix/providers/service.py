@@ -307,7 +307,12 @@ async def try_provider(
     request = ChatRequest(
         messages=(ChatMessage("user", data.prompt),), model=model, max_tokens=data.max_tokens
     )
-    config = rt.config(row)
+    try:
+        config = rt.config(row)
+    except ProviderCallError as exc:
+        return ProviderTestResult(
+            ok=False, provider_id=row.id, model=model, latency_ms=0.0, error=_call_error(exc)
+        )
     started = time.perf_counter()
     parts: list[str] = []
     first_token_ms: float | None = None
@@ -336,9 +341,7 @@ async def try_provider(
             provider_id=row.id,
             model=model,
             latency_ms=latency,
-            error=CallError(
-                code=exc.code, message=exc.message, provider_status=exc.provider_status
-            ),
+            error=_call_error(exc),
         )
     latency = _since(started)
     if end is None:  # pragma: no cover - adapters end every stream with StreamEnd
@@ -364,6 +367,10 @@ async def try_provider(
             input_tokens=end.usage.input_tokens, output_tokens=end.usage.output_tokens
         ),
     )
+
+
+def _call_error(exc: ProviderCallError) -> CallError:
+    return CallError(code=exc.code, message=exc.message, provider_status=exc.provider_status)
 
 
 def _since(started: float) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -13,7 +12,8 @@ from sqlalchemy import literal, select, tuple_
 
 from apix.audit import service as audit
 from apix.audit.service import RequestMeta
-from apix.core.errors import BadRequest, Conflict, NotFound
+from apix.core.cursor import decode_cursor, encode_cursor
+from apix.core.errors import Conflict, NotFound
 from apix.core.json import loads
 from apix.identity.principal import Principal
 from apix.infra.database import Database
@@ -115,7 +115,7 @@ async def dead_letters(
     if status is not None:
         query = query.where(ApixDeadLetter.status == status)
     if cursor is not None:
-        at, row_id = _decode_cursor(cursor)
+        at, row_id = decode_cursor(cursor)
         query = query.where(
             tuple_(ApixDeadLetter.failed_at, ApixDeadLetter.id)
             < tuple_(literal(at), literal(row_id))
@@ -128,7 +128,7 @@ async def dead_letters(
     page, more = rows[:limit], len(rows) > limit
     return {
         "items": [_dead_letter(r) for r in page],
-        "next": _encode_cursor(page[-1].failed_at, page[-1].id) if more and page else None,
+        "next": encode_cursor(page[-1].failed_at, page[-1].id) if more and page else None,
     }
 
 
@@ -185,15 +185,3 @@ def _dead_letter(row: ApixDeadLetter) -> dict[str, Any]:
         "failed_at": row.failed_at,
         "resolved_at": row.resolved_at,
     }
-
-
-def _encode_cursor(at: datetime, row_id: uuid.UUID) -> str:
-    return base64.urlsafe_b64encode(f"{at.isoformat()}|{row_id}".encode()).decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        at, row_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
-        return datetime.fromisoformat(at), uuid.UUID(row_id)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest("invalid cursor") from exc

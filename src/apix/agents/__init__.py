@@ -1,0 +1,1 @@
+"""Agents, their versions, conversation sessions and runs."""

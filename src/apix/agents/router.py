@@ -108,7 +108,10 @@ async def list_versions(agent_id: uuid.UUID, principal: Reader, rt: Runtime) -> 
 @router.post(
     "/agents/{agent_id}/runs",
     status_code=status.HTTP_202_ACCEPTED,
-    responses={200: {"model": RunRead}, 202: {"content": {"text/event-stream": {}}}},
+    responses={
+        200: {"description": "an idempotent retry (the first run), or the SSE stream"},
+        202: {"model": RunRead},
+    },
     response_model=None,
 )
 async def create_run(
@@ -121,7 +124,7 @@ async def create_run(
     response: Response,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> RunRead | StreamingResponse:
-    """Queue a run (202 with the run), or with `stream: true` follow it as SSE.
+    """Queue a run (202 with the run), or with `stream: true` follow it as SSE (200).
 
     The run goes on when the client disconnects; an SSE client resumes with
     `Last-Event-ID`. A retry with the same `idempotency_key` returns the first run (200).

@@ -179,6 +179,12 @@ class WorkerSettings(BaseModel):
         description="Prompt budget of a run (estimated at 4 characters a token): the system "
         "prompt, session variables, the input and as many recent messages as fit.",
     )
+    provider_checks_s: float = Field(
+        300.0,
+        ge=0,
+        description="Interval of the active provider health checks (a tiny real call to "
+        "every provider, by one worker of the cluster); 0: passive measurement only.",
+    )
 
 
 class LogSettings(BaseModel):

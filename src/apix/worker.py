@@ -16,13 +16,17 @@ from apix.agents.runner import Runner
 from apix.agents.service import AgentsRuntime
 from apix.config import Settings
 from apix.core.logging import get_logger
+from apix.core.tasks import Periodic
 from apix.infra.database import Database
 from apix.infra.redis import create_redis
+from apix.providers.checks import check_all
 from apix.providers.runtime import ProvidersRuntime
 from apix.realtime.archive import Archiver
 from apix.realtime.broker import Broker
 
 log = get_logger(__name__)
+
+_CHECKS_LOCK = "apix:provider-checks"  # one worker of the cluster checks per interval
 
 
 class Workers:
@@ -36,19 +40,37 @@ class Workers:
             if settings.worker.archive
             else None
         )
+        self.redis = redis
+        self.providers = ProvidersRuntime.create(settings, database, redis, broker)
         self.runner = Runner(
             AgentsRuntime(database, redis, broker),
-            ProvidersRuntime.create(settings, database, redis, broker),
+            self.providers,
             settings.worker,
             consumer=name,
+        )
+        interval = settings.worker.provider_checks_s
+        self.checks = (
+            Periodic("apix-provider-checks", interval, self.check_providers) if interval else None
         )
 
     async def start(self) -> None:
         if self.archiver is not None:
             await self.archiver.start()
         await self.runner.start()
+        if self.checks is not None:
+            self.checks.start()
+
+    async def check_providers(self) -> None:
+        """Every provider's active health check, by one worker of the cluster per interval."""
+        assert self.checks is not None  # noqa: S101
+        ttl_ms = int(self.checks.interval * 1000 * 0.9)
+        if await self.redis.set(_CHECKS_LOCK, "1", nx=True, px=ttl_ms):
+            results = await check_all(self.providers)
+            log.info("provider checks", checked=len(results), failed=sum(not r.ok for r in results))
 
     async def stop(self) -> None:
+        if self.checks is not None:
+            await self.checks.stop()
         await self.runner.stop()
         if self.archiver is not None:
             await self.archiver.stop()

@@ -31,6 +31,9 @@ from apix.identity.runtime import IdentityRuntime
 from apix.infra.database import Database
 from apix.infra.migrate import head_revision
 from apix.infra.redis import create_redis
+from apix.monitoring import router as monitoring_router
+from apix.monitoring.http import HttpLatencyMiddleware
+from apix.monitoring.runtime import MonitoringRuntime
 from apix.providers import router as providers_router
 from apix.realtime import router as realtime_router
 from apix.realtime.gateway import Gateway
@@ -63,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis = redis
         app.state.identity = identity = IdentityRuntime.create(settings, database, redis)
         app.state.gateway = gateway = Gateway(settings, identity, redis)
+        app.state.monitoring = monitoring = MonitoringRuntime(settings, database, redis, gateway)
         workers = None
         if settings.worker.embedded:
             name = f"{settings.node_id}:{os.getpid()}"
@@ -71,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             await identity.resync()
             await gateway.start()
+            await monitoring.start()
             if workers is not None:
                 await workers.start()
         except Exception:
@@ -82,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if workers is not None:
                 await workers.stop()
+            await monitoring.stop()
             await gateway.stop()
             await redis.aclose()
             await database.dispose()
@@ -112,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["X-Request-ID"],
             max_age=600,
         )
+    app.add_middleware(HttpLatencyMiddleware, state=app.state)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.server.max_body_bytes)
     app.include_router(system_router)
     app.include_router(identity_router.router)
@@ -120,6 +127,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(realtime_router.router)
     app.include_router(agents_router.router)
     app.include_router(providers_router.router)
+    app.include_router(monitoring_router.router)
+    app.include_router(monitoring_router.metrics_router)
     app.router.routes.append(WebSocketRoute("/api/v1/apix/ws", _WebSocketEndpoint(app)))
     _mount_docs(app)
     return app

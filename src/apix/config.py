@@ -250,6 +250,73 @@ class ProvidersSettings(BaseModel):
     )
 
 
+class MonitoringSettings(BaseModel):
+    enabled: bool = Field(
+        True,
+        description="Measure latencies, keep rolling histograms in Redis and evaluate alerts "
+        "(the monitoring API then reads them). False: no sampling, no background loops.",
+    )
+    push_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often a node pushes its histograms and counters to Redis, where "
+        "every node merges them (the cluster view lags by at most this).",
+    )
+    delivery_sample_every: int = Field(
+        16,
+        ge=1,
+        description="Publish-to-delivery latency is measured on the first delivery of each "
+        "event per client type on a node, plus every N-th delivery.",
+    )
+    probe_interval_s: float = Field(
+        5.0, gt=0, description="How often the Redis and PostgreSQL round trips are measured."
+    )
+    alert_interval_s: float = Field(
+        5.0, gt=0, description="How often the node holding the monitoring lease evaluates alerts."
+    )
+    alert_for_s: float = Field(
+        60.0,
+        ge=0,
+        description="Default time a condition must hold before its alert fires "
+        "(an organisation can override it per rule).",
+    )
+    alert_min_samples: int = Field(
+        20,
+        ge=1,
+        description="Latency alerts are evaluated only on windows with at least this many "
+        "samples (a handful of slow deliveries is not an incident).",
+    )
+    alert_delivery_p99_ms: float = Field(
+        250.0, gt=0, description="Default threshold: delivery latency p99 over 1 minute, in ms."
+    )
+    alert_rtt_p99_ms: float = Field(
+        1000.0,
+        gt=0,
+        description="Default threshold: heartbeat round-trip p99 over 1 minute, in ms.",
+    )
+    alert_redeliveries_per_min: float = Field(
+        100.0, ge=0, description="Default threshold: redeliveries in the last minute."
+    )
+    alert_dead_letters_per_min: float = Field(
+        0.0, ge=0, description="Default threshold: dead letters in the last minute (0: any)."
+    )
+    alert_archive_lag_s: float = Field(
+        60.0,
+        gt=0,
+        description="Platform threshold: age of the oldest event not archived yet, in seconds.",
+    )
+    count_events: bool = Field(
+        True,
+        description="The node holding the monitoring lease counts every published event "
+        "(one Redis pattern subscription) for events-in rates and top channels.",
+    )
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="Bearer token `GET /metrics` requires (Prometheus scrapes with it). "
+        "Unset: `/metrics` is disabled (404).",
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="APIX_",
@@ -292,6 +359,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     providers: ProvidersSettings = Field(default_factory=ProvidersSettings)
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
 
     @model_validator(mode="after")
     def _no_placeholder_secrets_in_production(self) -> Settings:

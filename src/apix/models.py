@@ -5,7 +5,14 @@ from __future__ import annotations
 import importlib
 
 # Domain packages whose `models` module defines tables, in dependency order.
-DOMAINS_WITH_MODELS: tuple[str, ...] = ("identity", "audit", "realtime", "providers", "agents")
+DOMAINS_WITH_MODELS: tuple[str, ...] = (
+    "identity",
+    "audit",
+    "realtime",
+    "providers",
+    "agents",
+    "monitoring",
+)
 
 
 def load_all_models() -> None:

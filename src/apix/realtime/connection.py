@@ -2,18 +2,28 @@
 
 The hub only appends to the queue (no await, no task per frame); the writer sends frames in
 order. A client that does not read fast enough lets its queue grow past the limit and is
-closed with 4011 (slow consumer) so it never slows anyone else down.
+closed with 4011 (slow consumer) so it never slows anyone else down. Before that, under
+pressure, low-priority frames with a coalescing key give way to newer ones (quality of
+service, docs/monitoring.md); high-priority frames are never coalesced.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
+import re
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
 
 from apix.core.logging import get_logger
+from apix.realtime.channels import NAMESPACES, Priority
+
+if TYPE_CHECKING:
+    from apix.monitoring.probe import DeliveryProbe, Label
 
 log = get_logger(__name__)
 
@@ -27,27 +37,84 @@ class DirectWriter(Protocol):
     def buffered(self) -> int: ...
 
 
+# Quality of service. Past this share of the send buffer a connection is under pressure:
+# a new low-priority frame with a coalescing key replaces the queued one with the same key.
+PRESSURE_RATIO = 0.25
+# Event types of low-priority namespaces that carry state, not history (the newest wins).
+COALESCE_TYPES = ("cursor.*", "*.cursor", "typing.*", "*.typing", "*.state")
+_COALESCE = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in COALESCE_TYPES))
+_CHANNEL_AT = len('{"op":"event","channel":"')
+
+
+class _Live:
+    """A queued live event frame; ``frame`` is None once a newer one replaced it."""
+
+    __slots__ = ("frame", "key")
+
+    def __init__(self, frame: str) -> None:
+        self.frame: str | None = frame
+        self.key: tuple[str, ...] | None = None
+
+
+def coalescing_key(frame: str) -> tuple[tuple[str, ...] | None, str]:
+    """(the key a frame may be coalesced under, its namespace).
+
+    Keyed: presence events on any namespace below HIGH (per channel and member), and
+    events of LOW namespaces whose type is in `COALESCE_TYPES` (per channel, type and
+    publisher). High-priority namespaces (`user`, `hitl`) never have a key.
+    """
+    channel = frame[_CHANNEL_AT : frame.index('"', _CHANNEL_AT)]
+    name = channel.partition(":")[0]
+    namespace = NAMESPACES.get(name)
+    priority = namespace.priority if namespace is not None else Priority.NORMAL
+    if priority is Priority.HIGH:
+        return None, name
+    presence = '"offset":null' in frame
+    if not presence and priority is not Priority.LOW:
+        return None, name
+    event: dict[str, Any] = orjson.loads(frame)
+    event_type = str(event.get("type", ""))
+    if presence:
+        data = event.get("data") or {}
+        return (channel, "presence", str(data.get("connection_id"))), name
+    if _COALESCE.match(event_type):
+        actor = (event.get("meta") or {}).get("actor")
+        return (channel, event_type, str(actor)), name
+    return None, name
+
+
 class SendQueue:
     """Frames waiting for one client, bounded in bytes (approximated by string length)."""
 
     __slots__ = (
         "_frames",
+        "_keyed",
         "_limit",
         "_on_overflow",
         "_pending",
+        "_pressure",
         "_sending",
         "_wakeup",
         "closed",
+        "coalesced",
         "direct",
         "empty",
+        "label",
+        "probe",
         "size",
     )
 
     def __init__(
         self, limit_bytes: int, on_overflow: OnOverflow, direct: DirectWriter | None = None
     ) -> None:
-        self._frames: deque[str] = deque()
+        self._frames: deque[str | _Live] = deque()
+        self._keyed: dict[tuple[str, ...], _Live] = {}
         self._limit = limit_bytes
+        self._pressure = int(limit_bytes * PRESSURE_RATIO)
+        self.coalesced = 0
+        # Set once the connection is established: latency and delivery counts (monitoring).
+        self.probe: DeliveryProbe | None = None
+        self.label: Label | None = None
         self._on_overflow = on_overflow
         self._wakeup = asyncio.Event()
         self._pending = False
@@ -71,15 +138,22 @@ class SendQueue:
             and not self._sending
             and direct.write_frame(wire)
         ):
+            probe = self.probe
+            if probe is not None:
+                probe.written(frame, self.label)  # type: ignore[arg-type]
             if direct.buffered() > self._limit:
                 self.closed = True
                 self._on_overflow()
             return
-        self._frames.append(frame)
+        entry = _Live(frame)
+        if self.size >= self._pressure:
+            self._coalesce(entry, frame)
+        self._frames.append(entry)
         self.size += len(frame)
         if self.size > self._limit:
             self.closed = True
             self._frames.clear()
+            self._keyed.clear()
             self._on_overflow()
             return
         self.empty.clear()
@@ -87,10 +161,31 @@ class SendQueue:
             self._pending = True
             self._wakeup.set()
 
+    def _coalesce(self, entry: _Live, frame: str) -> None:
+        key, namespace = coalescing_key(frame)
+        if key is None:
+            return
+        entry.key = key
+        older = self._keyed.get(key)
+        self._keyed[key] = entry
+        if older is not None and older.frame is not None:
+            self.size -= len(older.frame)
+            older.frame = None
+            self.coalesced += 1
+            if self.probe is not None and self.label is not None:
+                self.probe.coalesced(self.label, namespace)
+
     def push_unbounded(self, frame: str) -> None:
         """For replies and replays the client asked for: counted, never an overflow."""
         if self.closed:
             return
+        probe = self.probe
+        if (
+            probe is not None
+            and frame.startswith('{"op":"event"')
+            and not frame.endswith(',"attempt":1}')
+        ):
+            probe.redelivered(frame, self.label)  # type: ignore[arg-type]
         self._frames.append(frame)
         self.size += len(frame)
         self.empty.clear()
@@ -106,19 +201,30 @@ class SendQueue:
             self._wakeup.clear()
             self._pending = False
             while frames and not self.closed:
-                frame = frames.popleft()
+                item = frames.popleft()
+                if isinstance(item, str):
+                    frame, live = item, False
+                else:
+                    if item.key is not None and self._keyed.get(item.key) is item:
+                        del self._keyed[item.key]
+                    if item.frame is None:
+                        continue  # coalesced: a newer frame with its key is queued
+                    frame, live = item.frame, True
                 self.size -= len(frame)
                 self._sending = True
                 try:
                     await send(frame)
                 finally:
                     self._sending = False
+                if live and self.probe is not None:
+                    self.probe.written(frame, self.label)  # type: ignore[arg-type]
             if not frames:
                 self.empty.set()
 
     def close(self) -> None:
         self.closed = True
         self._frames.clear()
+        self._keyed.clear()
         self._wakeup.set()
 
 

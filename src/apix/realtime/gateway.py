@@ -42,6 +42,7 @@ from apix.identity import service as identity
 from apix.identity.models import Organization
 from apix.identity.principal import Principal
 from apix.identity.runtime import IdentityRuntime
+from apix.monitoring.probe import DeliveryProbe, Label
 from apix.realtime import archive, service
 from apix.realtime import channels as channel_registry
 from apix.realtime.broker import Broker, Snapshot, StoredEvent, event_frame, offset_key
@@ -124,6 +125,8 @@ class Gateway:
             Periodic("apix-sessions", _SESSION_SAVE_S, self._save_sessions),
         ]
         self.closing = False
+        # Set by the monitoring runtime: latency samples and delivery counts.
+        self.probe: DeliveryProbe | None = None
 
     async def start(self) -> None:
         self.hub.on_interrupted = self._backend_interrupted
@@ -188,6 +191,8 @@ class Gateway:
     ) -> None:
         if channel.tenant == channel_registry.PLATFORM:
             return
+        if self.probe is not None:
+            self.probe.dead_lettered(channel.tenant, channel.name)
         monitor = ChannelRef(
             "monitor", channel_registry.NAMESPACES["monitor"], None, channel.tenant
         )
@@ -617,6 +622,9 @@ class ClientConnection:
             metadata={"origin": self.origin} if self.origin else {},
         )
         gateway.connections[self.id] = self
+        if gateway.probe is not None:
+            self.queue.label = Label(str(principal.org_id), command.client.type)
+            self.queue.probe = gateway.probe
         await gateway.registry.connected(self.record)
         self._schedule_ping()
         self._schedule_expiry()
@@ -911,7 +919,10 @@ class ClientConnection:
         self._ping_ts = None
         self._timers.pop("pong").cancel()
         if self.record is not None:
-            self.record.rtt_ms = round((time.monotonic() - self._ping_sent) * 1000, 3)
+            rtt = time.monotonic() - self._ping_sent
+            if self.queue.probe is not None and self.queue.label is not None:
+                self.queue.probe.rtt(self.queue.label, rtt)
+            self.record.rtt_ms = round(rtt * 1000, 3)
             self.record.last_heartbeat_at = datetime.now(UTC)
             # The connection list reads the live state: show the measured latency there.
             self._background = asyncio.ensure_future(self.gateway.registry.update_live(self.record))

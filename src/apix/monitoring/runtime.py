@@ -1,0 +1,291 @@
+"""The node's monitoring runtime, created in the lifespan next to the gateway.
+
+Loops: every `push_interval_s` the probe's batch goes into this node's slots and to Redis;
+every `probe_interval_s` Redis and PostgreSQL round trips are measured; every
+`alert_interval_s` the node tries to hold the monitoring lease, and the holder counts
+published events (one pattern subscription) and evaluates alerts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import defaultdict
+from typing import Any
+
+from redis.asyncio import Redis
+from sqlalchemy import text
+
+from apix import __version__
+from apix.config import Settings
+from apix.core.logging import get_logger
+from apix.core.tasks import Periodic
+from apix.infra.database import Database
+from apix.monitoring import histograms, store
+from apix.monitoring.alerts import PLATFORM_ORG, Evaluator
+from apix.monitoring.metrics import Metrics
+from apix.monitoring.probe import PLATFORM, DeliveryProbe
+from apix.realtime import archive
+from apix.realtime.channels import NAMESPACES, ChannelRef
+from apix.realtime.channels import PLATFORM as PLATFORM_TENANT
+from apix.realtime.gateway import Gateway
+
+log = get_logger(__name__)
+
+LEASE_KEY = "apix:mon:lease"
+_ANNOUNCEMENTS = "apix:ch:*:live"
+# KEYS: lease. ARGV: owner, ttl_ms. Take the lease if free, extend it if ours.
+_HOLD = """
+local owner = redis.call('GET', KEYS[1])
+if owner == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if owner == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class MonitoringRuntime:
+    def __init__(
+        self, settings: Settings, database: Database, redis: Redis, gateway: Gateway
+    ) -> None:
+        self.config = settings.monitoring
+        self.node = settings.node_id
+        self.database = database
+        self.redis = redis
+        self.gateway = gateway
+        self.probe = DeliveryProbe(sample_every=self.config.delivery_sample_every)
+        self.slots = store.NodeSlots(self.node)
+        self.metrics = Metrics(self)
+        self.evaluator = Evaluator(redis, database, self.config, self._publish_alert)
+        self.archive_backlog: dict[str, Any] | None = None
+        self.leader = False
+        self.started_at = int(time.time() * 1000)
+        self._push_lock = asyncio.Lock()
+        self._hold = redis.register_script(_HOLD)
+        self._release = redis.register_script(_RELEASE)
+        self._counter: asyncio.Task[None] | None = None
+        self._loops = [
+            Periodic("apix-monitoring-push", self.config.push_interval_s, self.push),
+            Periodic("apix-monitoring-probe", self.config.probe_interval_s, self.measure_backends),
+            Periodic("apix-monitoring-alerts", self.config.alert_interval_s, self.lead),
+        ]
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.enabled
+
+    async def start(self) -> None:
+        if not self.enabled:
+            return
+        self.gateway.probe = self.probe
+        with contextlib.suppress(Exception):
+            await self.lead()  # take the lease at once if it is free: count from the start
+        for loop in self._loops:
+            loop.start()
+
+    async def stop(self) -> None:
+        if not self.enabled:
+            return
+        for loop in self._loops:
+            await loop.stop()
+        await self._stop_counter()
+        with contextlib.suppress(Exception):
+            await self.push()
+        if self.leader:
+            with contextlib.suppress(Exception):
+                await self._release(keys=[LEASE_KEY], args=[self.node])
+        self.gateway.probe = None
+
+    # --- recording ---------------------------------------------------------------------
+
+    def http_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.probe.http(route, method, seconds)
+        self.metrics.http.labels(method, route).observe(seconds)
+        self.metrics.http_requests.labels(method, route, str(status)).inc()
+
+    async def push(self) -> None:
+        """Fold the probe's batch into this node's slots and write them to Redis."""
+        async with self._push_lock:
+            now = time.time()
+            samples, counts = self.probe.take()
+            self.slots.add(samples, counts, now)
+            self.metrics.observe(samples, counts)
+            gauges, connections, subscriptions = self._gauges()
+            await self.slots.push(self.redis, now, gauges)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                key = store.node_key(self.node)
+                pipe.hset(
+                    key,
+                    mapping={
+                        "node": self.node,
+                        "last_seen": int(now * 1000),
+                        "started_at": self.started_at,
+                        "version": __version__,
+                        "connections": connections,
+                        "subscriptions": subscriptions,
+                        "leader": int(self.leader),
+                    },
+                )
+                pipe.expire(key, 3600)
+                await pipe.execute()
+
+    async def fresh(self) -> None:
+        """Push this node's latest figures before answering a read (others lag a push)."""
+        if self.enabled:
+            await self.push()
+
+    def _gauges(self) -> tuple[dict[store.CKey, int], int, int]:
+        gauges: dict[store.CKey, int] = defaultdict(int)
+        connections = subscriptions = 0
+        for connection in list(self.gateway.connections.values()):
+            record = connection.record
+            if record is None:
+                continue
+            org = str(record.org_id)
+            gauges[(org, f"{store.GAUGE}connections", record.client_type)] += 1
+            gauges[(org, f"{store.GAUGE}subscriptions", "")] += len(connection.subscriptions)
+            connections += 1
+            subscriptions += len(connection.subscriptions)
+        return gauges, connections, subscriptions
+
+    async def measure_backends(self) -> None:
+        started = time.perf_counter()
+        try:
+            await asyncio.wait_for(self.redis.ping(), 3.0)
+            self.probe.round_trip("redis", time.perf_counter() - started)
+        except Exception as exc:
+            log.warning("monitoring: redis probe failed", error=repr(exc))
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(3.0), self.database.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            self.probe.round_trip("postgres", time.perf_counter() - started)
+        except Exception as exc:
+            log.warning("monitoring: postgres probe failed", error=repr(exc))
+
+    async def refresh_backlog(self) -> None:
+        try:
+            async with asyncio.timeout(3.0):
+                self.archive_backlog = await archive.backlog(self.redis)
+        except Exception:
+            self.archive_backlog = None
+
+    # --- the lease holder ----------------------------------------------------------------
+
+    async def lead(self) -> None:
+        ttl_ms = int(max(3 * self.config.alert_interval_s, 5.0) * 1000)
+        self.leader = bool(await self._hold(keys=[LEASE_KEY], args=[self.node, ttl_ms]))
+        if self.leader and self.config.count_events and self._counter is None:
+            listening = asyncio.get_running_loop().create_future()
+            self._counter = asyncio.create_task(
+                self._count_events(listening), name="apix-mon-counter"
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(listening), 5.0)
+        elif not self.leader:
+            await self._stop_counter()
+        if not self.leader:
+            return
+        await self.push()
+        await self.refresh_backlog()
+        await self.evaluator.evaluate(await self.alert_values())
+
+    async def alert_values(self) -> dict[str, dict[str, float | None]]:
+        """What each rule measures now: per active organisation, and for the platform."""
+        now = time.time()
+        active = await self.redis.zrangebyscore(store.ORGS_KEY, int((now - 120) * 1000), "+inf")
+        orgs = [o.decode() if isinstance(o, bytes) else str(o) for o in active]
+        orgs = [o for o in orgs if o != PLATFORM]
+        slots = store.window_slots(now, 10, histograms.Window.ONE_MINUTE.slots)
+        hists = await store.read_hists(self.redis, orgs, 10, slots) if orgs else {}
+        counts = await store.read_counts(self.redis, orgs, 10, slots) if orgs else {}
+        minimum = self.config.alert_min_samples
+        values: dict[str, dict[str, float | None]] = {}
+        for org in orgs:
+            merged = {"delivery": histograms.new(), "rtt": histograms.new()}
+            for entries in hists[org]:
+                for field, payload in entries:
+                    if field.metric in merged:
+                        merged[field.metric].add(histograms.decode(payload))
+            totals: dict[str, int] = defaultdict(int)
+            for slot in counts[org]:
+                for (_, name, _), n in slot.items():
+                    totals[name] += n
+            values[org] = {
+                "delivery_p99_ms": _p99(merged["delivery"], minimum),
+                "rtt_p99_ms": _p99(merged["rtt"], minimum),
+                "redeliveries_per_min": float(totals["redelivered"]),
+                "dead_letters_per_min": float(totals["dead_lettered"]),
+            }
+        backlog = self.archive_backlog
+        lag = None if backlog is None else float(backlog.get("oldest_pending_age_s") or 0.0)
+        values[PLATFORM_ORG] = {"archive_lag_s": lag}
+        return values
+
+    async def _publish_alert(self, org_id: uuid.UUID, event: str, data: dict[str, Any]) -> None:
+        monitor = ChannelRef("monitor", NAMESPACES["monitor"], None, str(org_id))
+        await self.gateway.broker.publish(monitor, event, data)
+
+    async def _count_events(self, listening: asyncio.Future[None]) -> None:
+        """Count every published event once, cluster-wide (only the lease holder runs it)."""
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.psubscribe(_ANNOUNCEMENTS)
+            while True:
+                try:
+                    message = await pubsub.get_message(timeout=0.5)
+                except (asyncio.CancelledError, GeneratorExit):
+                    raise
+                except Exception as exc:
+                    log.warning("monitoring: event counter read failed", error=repr(exc))
+                    await asyncio.sleep(1.0)
+                    continue
+                if message is None:
+                    continue
+                if message["type"] == "psubscribe" and not listening.done():
+                    listening.set_result(None)  # from here on every announcement is seen
+                if message["type"] != "pmessage":
+                    continue
+                if not message["data"].startswith(b"e "):
+                    continue  # presence announcements are not events
+                tenant, channel = _tenant_channel(message["channel"])
+                if tenant is not None:
+                    self.probe.published(PLATFORM if tenant == PLATFORM_TENANT else tenant, channel)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _stop_counter(self) -> None:
+        counter, self._counter = self._counter, None
+        if counter is not None:
+            counter.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await counter
+
+
+def _p99(histogram: Any, minimum: int) -> float | None:
+    summary = histograms.summary(histogram)
+    return summary.p99 if summary.count >= minimum else None
+
+
+def _tenant_channel(raw: bytes | str) -> tuple[str | None, str]:
+    """`apix:ch:{p<n>}:<tenant>:<channel>:live` → (tenant, channel)."""
+    name = raw.decode() if isinstance(raw, bytes) else raw
+    _, sep, rest = name.partition("}:")
+    if not sep or not rest.endswith(":live"):
+        return None, ""
+    tenant, _, channel = rest[: -len(":live")].partition(":")
+    return tenant, channel

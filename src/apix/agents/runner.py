@@ -63,6 +63,11 @@ _DELTA_S = 0.05  # at most one message.delta per run per 50 ms
 _CANCEL_CHECK_S = 0.25
 _HEARTBEAT_S = 5.0
 _CHARS_PER_TOKEN = 4  # the context budget's estimate; providers report the real counts
+_SUMMARY_TOKENS = 400
+_SUMMARY_PROMPT = (
+    "Summarise the conversation below for whoever continues it: keep facts, names, numbers, "
+    "decisions and open questions; at most 200 words. Reply with the summary only."
+)
 
 
 @dataclass
@@ -332,14 +337,29 @@ class Runner:
                         .limit(500)
                     )
                 )
-        messages = assemble(
-            config,
-            variables=session.variables if session else {},
-            summary=session.summary if session else None,
-            history=[(m.role, m.content) for m in reversed(history)],
-            user_input=run.input,
-            budget_tokens=self.settings.context_tokens,
-        )
+        history.reverse()  # oldest first
+        summary = session.summary if session else None
+        variables = session.variables if session else {}
+
+        def prompt(summary: str | None) -> list[Prompt]:
+            return assemble(
+                config,
+                variables=variables,
+                summary=summary,
+                history=[(m.role, m.content) for m in history],
+                user_input=run.input,
+                budget_tokens=self.settings.context_tokens,
+            )
+
+        messages = prompt(summary)
+        kept = len(messages) - (2 if messages[0].role == "system" else 1)
+        left_out = history[: len(history) - kept]
+        if config.memory_enabled and session is not None and left_out:
+            upto = session.summary_upto
+            unsummarised = [m for m in left_out if upto is None or m.created_at > upto]
+            if unsummarised:
+                summary = await self._summarise(run, config, summary, unsummarised)
+                messages = prompt(summary)
         request = ChatRequest(
             messages=tuple(messages),
             model=config.model,
@@ -348,20 +368,44 @@ class Runner:
         )
         return request, config
 
-    async def _produce(self, answer: _Answer, request: ChatRequest, config: AgentConfig) -> None:
-        target: routing.Target = (
-            routing.ProviderTarget(config.provider_id, config.model)
-            if config.provider_id is not None
-            else (config.routing_policy or "primary")
+    async def _summarise(
+        self,
+        run: AgentRun,
+        config: AgentConfig,
+        previous: str | None,
+        messages: list[ChatMessage],
+    ) -> str:
+        """Fold messages the budget leaves out into the session's stored summary."""
+        transcript = "\n".join(f"{m.role}: {m.content}" for m in messages)
+        if previous:
+            transcript = f"Summary so far:\n{previous}\n\nThen:\n{transcript}"
+        request = ChatRequest(
+            messages=(
+                Prompt(role="system", content=_SUMMARY_PROMPT),
+                Prompt(role="user", content=transcript),
+            ),
+            model=config.model,
+            max_tokens=_SUMMARY_TOKENS,
+            temperature=0.0,
         )
+        done = await routing.complete(
+            self.providers, run.org_id, _target(config), request, agent_id=run.agent_id
+        )
+        async with self.rt.database.transaction(run.org_id) as uow:
+            session = await uow.session.get(ChatSession, run.session_id, with_for_update=True)
+            if session is not None:
+                session.summary = done.text
+                session.summary_upto = messages[-1].created_at
+        return done.text
 
+    async def _produce(self, answer: _Answer, request: ChatRequest, config: AgentConfig) -> None:
         async def on_fallback(hop: ProviderFallback) -> None:
             await publish(self.rt.broker, answer.channels, "provider.fallback", hop)
 
         async for chunk in routing.stream(
             self.providers,
             answer.run.org_id,
-            target,
+            _target(config),
             request,
             agent_id=answer.run.agent_id,
             on_fallback=on_fallback,
@@ -476,6 +520,12 @@ class Runner:
         failed = RunFailed(run_id=row.id, error=row.error)
         channels = run_channels(row)
         uow.after_commit(lambda: publish(self.rt.broker, channels, "agent.run.failed", failed))
+
+
+def _target(config: AgentConfig) -> routing.Target:
+    if config.provider_id is not None:
+        return routing.ProviderTarget(config.provider_id, config.model)
+    return config.routing_policy or "primary"
 
 
 def estimate_tokens(text: str) -> int:

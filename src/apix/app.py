@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from apix import __version__
 from apix.agents import router as agents_router
+from apix.audit import router as audit_router
 from apix.config import Settings, get_settings
 from apix.core.errors import ErrorResponse
 from apix.core.handlers import install_error_handlers
@@ -126,6 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin_router.router)
     app.include_router(realtime_router.router)
     app.include_router(agents_router.router)
+    app.include_router(audit_router.router)
     app.include_router(providers_router.router)
     app.include_router(monitoring_router.router)
     app.include_router(monitoring_router.metrics_router)

@@ -42,18 +42,28 @@ async def verify_in(
     previous: _Row | None = None
     broken: dict[str, Any] | None = None
     checkpoint_seq: int | None = None
+    # A start that the checkpoint does not vouch for is reported at the first row, unless
+    # the checkpoint row itself turns out to be altered: then that row is the culprit.
+    unproven_start: dict[str, Any] | None = None
     async for row in _rows(session, org_id):
+        checked += 1
         if first is None:
             first = row
             problem, checkpoint_seq = _start(row, checkpoints)
+            if problem is not None and row["seq"] - 1 in checkpoints:
+                unproven_start = {"seq": row["seq"], "id": row["id"], "reason": problem}
+                problem = None
         else:
             problem = _link(previous, row)
         problem = _content(row, secret) or problem
-        checked += 1
         if problem is not None:
             broken = {"seq": row["seq"], "id": row["id"], "reason": problem}
             break
         previous = row
+    if unproven_start is not None and (
+        broken is None or broken["seq"] != checkpoints[unproven_start["seq"] - 1][1]
+    ):
+        broken = unproven_start
     return {
         "org_id": org_id,
         "ok": broken is None,
@@ -84,26 +94,30 @@ async def _rows(session: AsyncSession, org_id: uuid.UUID | None) -> AsyncIterato
         after = batch[-1].seq
 
 
-async def _checkpoints(session: AsyncSession, org_id: uuid.UUID | None) -> dict[int, str]:
-    """Through-seq → through-hash of the chain's checkpoint rows (checked again in the walk)."""
+async def _checkpoints(
+    session: AsyncSession, org_id: uuid.UUID | None
+) -> dict[int, tuple[str, int]]:
+    """Through-seq → (through-hash, the checkpoint's own seq); each is checked in the walk."""
     rows = await session.execute(
-        select(AuditLog.details).where(in_chain(org_id), AuditLog.action == chain.CHECKPOINT_ACTION)
+        select(AuditLog.seq, AuditLog.details).where(
+            in_chain(org_id), AuditLog.action == chain.CHECKPOINT_ACTION
+        )
     )
-    found: dict[int, str] = {}
-    for (details,) in rows:
+    found: dict[int, tuple[str, int]] = {}
+    for seq, details in rows:
         through_seq, through_hash = details.get("through_seq"), details.get("through_hash")
         if isinstance(through_seq, int) and isinstance(through_hash, str):
-            found[through_seq] = through_hash
+            found[through_seq] = (through_hash, seq)
     return found
 
 
-def _start(row: _Row, checkpoints: dict[int, str]) -> tuple[str | None, int | None]:
+def _start(row: _Row, checkpoints: dict[int, tuple[str, int]]) -> tuple[str | None, int | None]:
     """Where the remaining chain begins: at the genesis, or just after a checkpoint."""
     if row["seq"] == 1:
         if row["prev_hash"] != chain.GENESIS_HASH:
             return "the first row does not link to the genesis hash", None
         return None, None
-    through_hash = checkpoints.get(row["seq"] - 1)
+    through_hash = checkpoints.get(row["seq"] - 1, (None, 0))[0]
     if through_hash is None:
         return f"rows before seq {row['seq']} are missing and no checkpoint vouches for them", None
     if through_hash != row["prev_hash"]:

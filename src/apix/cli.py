@@ -12,6 +12,7 @@ import uvicorn
 from pydantic import BaseModel, SecretStr, TypeAdapter
 
 from apix import __version__
+from apix.audit.cli import audit_cli
 from apix.config import Settings, get_settings
 from apix.core.logging import configure_logging, get_logger
 from apix.infra import migrate as migrations
@@ -195,6 +196,7 @@ admin_cli = typer.Typer(help="Platform administration.", no_args_is_help=True)
 keys_cli = typer.Typer(help="Token signing keys (RS256).", no_args_is_help=True)
 cli.add_typer(admin_cli, name="admin")
 cli.add_typer(keys_cli, name="keys")
+cli.add_typer(audit_cli, name="audit")
 
 
 @admin_cli.command("create-superadmin")

@@ -33,6 +33,7 @@ APPEND_ONLY_TABLES = ("audit_log",)
 WORKER_FUNCTIONS = (
     "apix_event_ensure_partitions(integer)",
     "apix_event_drop_partitions(integer)",
+    "apix_audit_prune(uuid, bigint)",
 )
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"

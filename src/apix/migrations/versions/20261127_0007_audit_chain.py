@@ -97,7 +97,7 @@ $$
 # The application role may not delete audit rows. This owner-rights function removes a
 # chain's prefix through `p_through_seq`, and only once a checkpoint row later in the same
 # chain records that row's hash (the caller appends it, signed with the node's secret). It
-# runs under the caller's tenant setting: row-level security is forced on the table.
+# acts only on the chain of the caller's tenant (the platform's when none is set).
 _PRUNE = """
 CREATE FUNCTION apix_audit_prune(p_org uuid, p_through_seq bigint) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp
@@ -106,6 +106,11 @@ DECLARE
     through_hash varchar;
     removed bigint;
 BEGIN
+    -- Owner rights must not reach past the caller's tenant (a superuser owner bypasses RLS).
+    IF p_org IS DISTINCT FROM apix_current_org() THEN
+        RAISE EXCEPTION 'audit_log: the transaction is not scoped to that chain'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
     SELECT hash INTO through_hash FROM audit_log
     WHERE org_id IS NOT DISTINCT FROM p_org AND seq = p_through_seq;
     IF through_hash IS NULL THEN

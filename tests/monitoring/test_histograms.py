@@ -1,0 +1,139 @@
+"""Percentiles from known inputs, merging (across slots and nodes), and the probe's parsing."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis.asyncio import Redis
+
+from apix.monitoring import histograms, store
+from apix.monitoring.histograms import Window
+from apix.monitoring.probe import DeliveryProbe, Label, frame_channel, frame_ts
+from apix.realtime.broker import event_frame, event_payload
+from tests.conftest import Servers
+
+LATENCIES = st.lists(st.integers(min_value=0, max_value=histograms.HIGHEST_US), max_size=3000)
+
+
+def _of(values: list[int]) -> histograms.HdrHistogram:
+    histogram = histograms.new()
+    for value in values:
+        histograms.record(histogram, value)
+    return histogram
+
+
+def test_percentiles_of_known_inputs_are_within_one_percent() -> None:
+    # 1 ms, 2 ms, ... 1000 ms: p50 = 500 ms, p90 = 900 ms, p99 = 990 ms, p99.9 = 999 ms.
+    summary = histograms.summary(_of([ms * 1000 for ms in range(1, 1001)]))
+    assert summary.count == 1000
+    for measured, expected in [
+        (summary.p50, 500),
+        (summary.p90, 900),
+        (summary.p99, 990),
+        (summary.p999, 999),
+        (summary.max, 1000),
+        (summary.mean, 500.5),
+    ]:
+        assert measured == pytest.approx(expected, rel=0.01)
+
+
+def test_an_empty_histogram_has_no_percentiles() -> None:
+    summary = histograms.summary(histograms.new())
+    assert summary.as_dict() == {
+        "count": 0,
+        "p50": None,
+        "p90": None,
+        "p99": None,
+        "p999": None,
+        "max": None,
+        "mean": None,
+    }
+
+
+def test_values_past_the_range_count_as_the_highest() -> None:
+    summary = histograms.summary(_of([histograms.HIGHEST_US * 10, -5]))
+    assert summary.count == 2
+    assert summary.max == pytest.approx(histograms.HIGHEST_US / 1000, rel=0.01)
+
+
+@settings(max_examples=40, deadline=None)
+@given(parts=st.lists(LATENCIES, min_size=1, max_size=6))
+def test_merging_encoded_histograms_equals_the_histogram_of_the_union(
+    parts: list[list[int]],
+) -> None:
+    # What nodes do: encode their own, readers decode and add.
+    merged = histograms.merged(histograms.decode(histograms.encode(_of(p))) for p in parts)
+    union = _of([v for p in parts for v in p])
+    assert merged.get_total_count() == union.get_total_count()
+    assert histograms.summary(merged) == histograms.summary(union)
+    assert list(merged.counts) == list(union.counts)
+
+
+def test_windows_are_made_of_slots() -> None:
+    assert [(w.resolution_s, w.slots, w.seconds) for w in Window] == [
+        (10, 6, 60),
+        (10, 30, 300),
+        (60, 60, 3600),
+    ]
+    assert store.window_slots(1000.0, 10, 3) == [98, 99, 100]
+
+
+def test_the_probe_reads_ts_and_channel_from_the_frame_without_parsing_it() -> None:
+    payload = event_payload("evt_1", "a.b", 1_764_201_600_123, {"ts": 5, "x": ',"ts":9'}, {})
+    frame = event_frame("room:lobby", "1764201600123-0", "ep", payload)
+    assert frame_ts(frame) == 1_764_201_600_123
+    assert frame_channel(frame) == "room:lobby"
+
+
+def test_the_probe_samples_the_first_delivery_per_client_type_then_every_nth() -> None:
+    probe = DeliveryProbe(sample_every=4)
+    ts = int(time.time() * 1000)
+    frame = event_frame("room:a", f"{ts}-0", "ep", event_payload("evt_1", "t", ts, {}, {}))
+    web, service = Label("org-1", "WEB_APP"), Label("org-1", "INTERNAL_SERVICE")
+    for _ in range(10):
+        probe.written(frame, web)
+    probe.written(frame, service)
+    samples, counts = probe.take()
+    # web: the first, then every 4th of the next 9 (2 more); service: its first.
+    assert [(s[0], s[2], s[3]) for s in samples] == [("delivery", "room", "WEB_APP")] * 3 + [
+        ("delivery", "room", "INTERNAL_SERVICE")
+    ]
+    assert all(0 <= s[4] < 5_000_000 for s in samples)
+    assert counts == {
+        ("org-1", "delivered", "room"): 11,
+        ("org-1", "channel_out", "room:a"): 11,
+    }
+
+
+@settings(
+    max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(a=LATENCIES, b=LATENCIES)
+async def test_two_nodes_pushing_to_redis_merge_into_the_histogram_of_the_union(
+    servers: Servers, a: list[int], b: list[int]
+) -> None:
+    redis = Redis.from_url(servers.redis_url)
+    try:
+        await redis.flushdb()
+        now = time.time()
+        for node, values in (("node-a", a), ("node-b", b)):
+            slots = store.NodeSlots(node)
+            slots.add([("delivery", "org-1", "room", "WEB_APP", v) for v in values], {}, now)
+            await slots.push(redis, now, {})
+        found = await store.read_hists(redis, ["org-1", "*"], 10, [store.slot_of(now, 10)])
+        union = _of([*a, *b])
+        for org in ("org-1", "*"):  # the platform's figures add every organisation's
+            (entries,) = found[org]
+            assert {f.node for f, _ in entries} == {
+                n for n, v in (("node-a", a), ("node-b", b)) if v
+            }
+            merged = histograms.merged(histograms.decode(p) for _, p in entries)
+            assert list(merged.counts) == list(union.counts)
+        minute = await store.read_hists(redis, ["org-1"], 60, [store.slot_of(now, 60)])
+        merged = histograms.merged(histograms.decode(p) for _, p in minute["org-1"][0])
+        assert merged.get_total_count() == len(a) + len(b)
+    finally:
+        await redis.aclose()

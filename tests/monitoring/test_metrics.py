@@ -1,0 +1,132 @@
+"""`GET /metrics`: Prometheus exposition behind a bearer token, disabled without one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from apix.app import create_app
+from tests.conftest import LiveServer, Servers, make_settings
+from tests.identity.factories import new_org_admin
+from tests.monitoring.conftest import METRICS_TOKEN, monitoring_settings
+from tests.realtime.raw import connected
+
+EXPECTED = {
+    "apix_connections",
+    "apix_subscriptions",
+    "apix_channels",
+    "apix_events_published",
+    "apix_events_delivered",
+    "apix_events_redelivered",
+    "apix_events_dead_lettered",
+    "apix_events_received",
+    "apix_frames_sent",
+    "apix_fanout_seconds",
+    "apix_qos_coalesced",
+    "apix_delivery_latency_seconds",
+    "apix_heartbeat_rtt_seconds",
+    "apix_http_request_duration_seconds",
+    "apix_http_requests",
+    "apix_backend_round_trip_seconds",
+    "apix_db_pool_connections",
+    "apix_archive_events_behind",
+    "apix_archive_oldest_pending_age_seconds",
+    "apix_archive_archivers",
+    "apix_monitoring_samples_dropped",
+}
+
+
+async def _scrape(client: httpx.AsyncClient) -> dict[str, Any]:
+    response = await client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    return {f.name: f for f in text_string_to_metric_families(response.text)}
+
+
+async def test_metrics_need_the_bearer_token(client: httpx.AsyncClient) -> None:
+    admin = await new_org_admin(client)
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {METRICS_TOKEN}"},
+        admin.headers,  # a user's token is not the metrics token
+    ):
+        response = await client.get("/metrics", headers=headers)
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "unauthorized"
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+async def test_metrics_are_disabled_without_a_token(servers: Servers) -> None:
+    settings = make_settings(servers, monitoring=monitoring_settings(metrics_token=None))
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://apix.test") as http:
+            response = await http.get(
+                "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}
+            )
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+
+
+async def test_metrics_parse_and_count_what_happened(
+    client: httpx.AsyncClient, live: LiveServer
+) -> None:
+    admin = await new_org_admin(client)
+    async with connected(live.ws, admin.access_token, client={"type": "WEB_APP"}) as raw:
+        await raw.subscribe("room:m")
+        for n in range(3):
+            response = await client.post(
+                "/api/v1/apix/channels/room:m/events",
+                headers=admin.headers,
+                json={"type": "t.x", "data": {"n": n}},
+            )
+            assert response.status_code == 201
+        await raw.events(3)
+        families = await _scrape(client)
+        assert families.keys() >= EXPECTED, EXPECTED - families.keys()
+
+        def value(name: str, sample: str, **labels: str) -> float:
+            return sum(
+                s.value
+                for s in families[name].samples
+                if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+            )
+
+        assert value("apix_connections", "apix_connections", client_type="WEB_APP") == 1
+        assert value("apix_subscriptions", "apix_subscriptions") == 1
+        assert value("apix_events_delivered", "apix_events_delivered_total", namespace="room") == 3
+        assert (
+            value(
+                "apix_delivery_latency_seconds",
+                "apix_delivery_latency_seconds_count",
+                namespace="room",
+                client_type="WEB_APP",
+            )
+            == 3
+        )
+        assert value("apix_events_published", "apix_events_published_total", namespace="room") >= 3
+        publish_route = "/api/v1/apix/channels/{channel}/events"
+        assert (
+            value(
+                "apix_http_requests",
+                "apix_http_requests_total",
+                route=publish_route,
+                method="POST",
+                status="201",
+            )
+            == 3
+        )
+        assert (
+            value(
+                "apix_http_request_duration_seconds",
+                "apix_http_request_duration_seconds_count",
+                route=publish_route,
+            )
+            == 3
+        )
+        assert value("apix_archive_events_behind", "apix_archive_events_behind") >= 0
+        assert value("apix_db_pool_connections", "apix_db_pool_connections", state="size") >= 1

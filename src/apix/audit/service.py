@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
+import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, func, or_, select, text
@@ -73,6 +76,53 @@ async def record(
     uow.session.add(entry)
     await uow.session.flush()
     return entry
+
+
+# Keys whose values never enter the trail (matched anywhere in the key, any case).
+_SECRET_KEY = re.compile(
+    r"pass(word|phrase)?|secret|token|api_?key|private|credential|authoriz|cookie"
+)
+REDACTED = "[redacted]"
+
+
+def changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The fields that differ between two states, for an update's `details`:
+    ``{"field": {"from": old, "to": new}}``, secret values redacted, values JSON-ready.
+
+    A field missing on one side reads as None (created or deleted).
+    """
+    diff: dict[str, dict[str, Any]] = {}
+    for key in sorted(before.keys() | after.keys(), key=str):
+        old, new = before.get(key), after.get(key)
+        if old == new:
+            continue
+        if _SECRET_KEY.search(str(key).lower()):
+            diff[str(key)] = {
+                "from": None if old is None else REDACTED,
+                "to": None if new is None else REDACTED,
+            }
+        else:
+            diff[str(key)] = {"from": _plain(old), "to": _plain(new)}
+    return diff
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready, with secrets in nested objects redacted too."""
+    if isinstance(value, Mapping):
+        return {
+            str(k): REDACTED if _SECRET_KEY.search(str(k).lower()) else _plain(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [_plain(v) for v in value]
+        return sorted(items, key=str) if isinstance(value, set | frozenset) else items
+    if isinstance(value, enum.Enum):
+        return _plain(value.value)
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value
 
 
 def in_chain(org_id: uuid.UUID | None) -> ColumnElement[bool]:

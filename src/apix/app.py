@@ -19,6 +19,8 @@ from starlette.types import Receive, Scope, Send
 
 from apix import __version__
 from apix.agents import router as agents_router
+from apix.analytics import router as analytics_router
+from apix.analytics.rollup import ApiUsage
 from apix.audit import router as audit_router
 from apix.config import Settings, get_settings
 from apix.core.errors import ErrorResponse
@@ -79,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await monitoring.start()
             if workers is not None:
                 await workers.start()
+            app.state.api_usage.start(database)
         except Exception:
             # A node must still start (and report not ready) when a server is down or the
             # schema is behind; `/readyz` says why.
@@ -86,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await app.state.api_usage.stop(database)
             if workers is not None:
                 await workers.stop()
             await monitoring.stop()
@@ -120,13 +124,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_age=600,
         )
     app.add_middleware(HttpLatencyMiddleware, state=app.state)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.server.max_body_bytes)
+    app.state.api_usage = api_usage = ApiUsage()
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body_bytes=settings.server.max_body_bytes,
+        on_api_call=api_usage.hit,
+    )
     app.include_router(system_router)
     app.include_router(identity_router.router)
     app.include_router(identity_router.keys_router)
     app.include_router(admin_router.router)
     app.include_router(realtime_router.router)
     app.include_router(agents_router.router)
+    app.include_router(analytics_router.router)
     app.include_router(audit_router.router)
     app.include_router(providers_router.router)
     app.include_router(monitoring_router.router)

@@ -12,6 +12,7 @@ DOMAINS_WITH_MODELS: tuple[str, ...] = (
     "providers",
     "agents",
     "monitoring",
+    "analytics",
 )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 import structlog
 from fastapi import HTTPException
@@ -31,10 +32,16 @@ class _BodyTooLarge(HTTPException):
         super().__init__(413, f"request body larger than {limit} bytes")
 
 
+OnApiCall = Callable[[uuid.UUID, uuid.UUID, int], None]
+
+
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, on_api_call: OnApiCall | None = None
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.on_api_call = on_api_call  # (org, API key, status) of requests made with a key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -101,6 +108,9 @@ class RequestContextMiddleware:
                 )
         finally:
             _access(scope, status, started)
+            api_key = scope["state"].get("api_key")
+            if api_key is not None and self.on_api_call is not None:
+                self.on_api_call(api_key[0], api_key[1], status)
 
 
 def _request_id(scope: Scope) -> str:

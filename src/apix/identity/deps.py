@@ -42,7 +42,11 @@ async def _principal(request: Request, runtime: Runtime) -> Principal:
     credential = credential_from(request)
     if credential is None:
         raise Unauthorized("a bearer token or API key is required")
-    return await service.authenticate(runtime, credential)
+    principal = await service.authenticate(runtime, credential)
+    if principal.api_key_id is not None and principal.org_id is not None:
+        # Counted per key by the access middleware once the response is sent (analytics).
+        request.state.api_key = (principal.org_id, principal.api_key_id)
+    return principal
 
 
 Runtime = Annotated[IdentityRuntime, Depends(_runtime)]

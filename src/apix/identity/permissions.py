@@ -71,4 +71,6 @@ grant(
 # AI providers: developers read them (never their keys) and call them; admins manage them.
 grant(Role.DEVELOPER, "providers:read", "providers:use")
 grant(Role.ORG_ADMIN, "providers:write")
+# Usage analytics: organisation admins.
+grant(Role.ORG_ADMIN, "analytics:read")
 grant(Role.SUPER_ADMIN, "platform:organizations", "platform:admin")

@@ -29,6 +29,7 @@ from redis.exceptions import ResponseError
 from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import insert
 
+from apix.analytics.rollup import count_events
 from apix.config import WorkerSettings
 from apix.core.json import loads
 from apix.core.logging import get_logger
@@ -206,7 +207,14 @@ class Archiver:
                     )
                     for start in range(0, len(org_rows), _ROWS_PER_INSERT):
                         chunk = org_rows[start : start + _ROWS_PER_INSERT]
-                        await conn.execute(insert(ApixEvent).values(chunk).on_conflict_do_nothing())
+                        written = await conn.execute(
+                            insert(ApixEvent)
+                            .values(chunk)
+                            .on_conflict_do_nothing()
+                            .returning(ApixEvent.channel, ApixEvent.type, ApixEvent.created_at)
+                        )
+                        # Only rows written now count, so a rewrite never counts twice.
+                        await count_events(conn, org_id, written.all())
         await self.broker.mark_archived([(m, e, o) for m, (e, o) in positions.items()])
         by_stream: dict[str, list[str]] = defaultdict(list)
         for key, entry_id, _fields in entries:

@@ -1,0 +1,115 @@
+"""Writing the roll-ups: events from the archiver's batches, API calls from each node."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+from sqlalchemy import text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from apix.analytics.models import ApiMinute, EventMinute
+from apix.core.logging import get_logger
+from apix.core.tasks import Periodic
+from apix.infra.database import Database
+
+log = get_logger(__name__)
+
+_FLUSH_S = 10.0
+
+
+def minute_of(at: datetime) -> datetime:
+    return at.replace(second=0, microsecond=0)
+
+
+async def count_events(
+    conn: AsyncConnection, org_id: uuid.UUID, rows: Iterable[tuple[str, str, datetime]]
+) -> None:
+    """Add (channel, type, created_at) rows just archived to the organisation's minutes.
+
+    Called in the archiver's transaction with the rows the insert actually wrote, so an
+    event counts once however often its archive entry is written.
+    """
+    counts = Counter(
+        (minute_of(created), channel.partition(":")[0], event_type)
+        for channel, event_type, created in rows
+    )
+    if not counts:
+        return
+    values = [
+        {"org_id": org_id, "minute": m, "namespace": ns, "type": t, "count": n}
+        for (m, ns, t), n in counts.items()
+    ]
+    statement = insert(EventMinute).values(values)
+    await conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=["org_id", "minute", "namespace", "type"],
+            set_={"count": EventMinute.count + statement.excluded.count},
+        )
+    )
+
+
+class ApiUsage:
+    """Counts API-key requests in memory; a node flushes them every few seconds."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[tuple[uuid.UUID, uuid.UUID, datetime, bool]] = Counter()
+        self._loop: Periodic | None = None
+
+    def hit(self, org_id: uuid.UUID, api_key_id: uuid.UUID, status: int) -> None:
+        self._counts[(org_id, api_key_id, minute_of(datetime.now(UTC)), status >= 400)] += 1
+
+    def start(self, database: Database) -> None:
+        self._loop = Periodic("apix-api-usage", _FLUSH_S, lambda: self.flush(database))
+        self._loop.start()
+
+    async def stop(self, database: Database) -> None:
+        if self._loop is not None:
+            await self._loop.stop()
+        try:
+            await self.flush(database)
+        except Exception:
+            log.warning("api usage: last flush failed", exc_info=True)
+
+    async def flush(self, database: Database) -> None:
+        counts, self._counts = self._counts, Counter()
+        if not counts:
+            return
+        per_org: dict[uuid.UUID, dict[tuple[uuid.UUID, datetime], list[int]]] = {}
+        for (org_id, key_id, minute, failed), n in counts.items():
+            entry = per_org.setdefault(org_id, {}).setdefault((key_id, minute), [0, 0])
+            entry[0] += n
+            entry[1] += n if failed else 0
+        try:
+            async with database.engine.begin() as conn:
+                for org_id, keys in per_org.items():
+                    await conn.execute(
+                        text("SELECT set_config('apix.org_id', :org, true)"), {"org": str(org_id)}
+                    )
+                    statement = insert(ApiMinute).values(
+                        [
+                            {
+                                "org_id": org_id,
+                                "minute": minute,
+                                "api_key_id": key_id,
+                                "requests": requests,
+                                "errors": errors,
+                            }
+                            for (key_id, minute), (requests, errors) in keys.items()
+                        ]
+                    )
+                    await conn.execute(
+                        statement.on_conflict_do_update(
+                            index_elements=["org_id", "minute", "api_key_id"],
+                            set_={
+                                "requests": ApiMinute.requests + statement.excluded.requests,
+                                "errors": ApiMinute.errors + statement.excluded.errors,
+                            },
+                        )
+                    )
+        except Exception:
+            self._counts.update(counts)  # kept for the next flush
+            raise

@@ -25,6 +25,7 @@ class InvalidRange(AppError):
     code = "validation_error"
     message = "the time range is not valid"
 
+
 _STEP = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1)}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from typing import Any
 
@@ -196,6 +197,7 @@ async def test_health_lists_components_and_this_node(client: httpx.AsyncClient) 
     assert health["redis"]["ok"]
     (node,) = health["nodes"]
     assert node["node"] == "test-node"
+    assert node["process"] == f"test-node:{os.getpid()}"  # each process reports apart
     assert node["alive"] is True
     assert node["connections"] == 0
     assert node["subscriptions"] is None  # platform detail, not an organisation's

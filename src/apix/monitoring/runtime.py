@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from collections import defaultdict
@@ -63,11 +64,13 @@ class MonitoringRuntime:
     ) -> None:
         self.config = settings.monitoring
         self.node = settings.node_id
+        # `apix serve --workers N` runs N processes under one node id: each writes its own.
+        self.process = f"{self.node}:{os.getpid()}"
         self.database = database
         self.redis = redis
         self.gateway = gateway
         self.probe = DeliveryProbe(sample_every=self.config.delivery_sample_every)
-        self.slots = store.NodeSlots(self.node)
+        self.slots = store.NodeSlots(self.process)
         self.metrics = Metrics(self)
         self.evaluator = Evaluator(redis, database, self.config, self._publish_alert)
         self.archive_backlog: dict[str, Any] | None = None
@@ -106,7 +109,7 @@ class MonitoringRuntime:
             await self.push()
         if self.leader:
             with contextlib.suppress(Exception):
-                await self._release(keys=[LEASE_KEY], args=[self.node])
+                await self._release(keys=[LEASE_KEY], args=[self.process])
         self.gateway.probe = None
 
     # --- recording ---------------------------------------------------------------------
@@ -126,11 +129,12 @@ class MonitoringRuntime:
             gauges, connections, subscriptions = self._gauges()
             await self.slots.push(self.redis, now, gauges)
             async with self.redis.pipeline(transaction=False) as pipe:
-                key = store.node_key(self.node)
+                key = store.node_key(self.process)
                 pipe.hset(
                     key,
                     mapping={
                         "node": self.node,
+                        "process": self.process,
                         "last_seen": int(now * 1000),
                         "started_at": self.started_at,
                         "version": __version__,
@@ -187,7 +191,7 @@ class MonitoringRuntime:
 
     async def lead(self) -> None:
         ttl_ms = int(max(3 * self.config.alert_interval_s, 5.0) * 1000)
-        self.leader = bool(await self._hold(keys=[LEASE_KEY], args=[self.node, ttl_ms]))
+        self.leader = bool(await self._hold(keys=[LEASE_KEY], args=[self.process, ttl_ms]))
         if self.leader and self.config.count_events and self._counter is None:
             listening = asyncio.get_running_loop().create_future()
             self._counter = asyncio.create_task(

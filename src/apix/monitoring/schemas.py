@@ -158,6 +158,7 @@ class ComponentHealth(BaseModel):
 
 class NodeHealth(BaseModel):
     node: str
+    process: str = Field(description="`<node>:<pid>`: each process of a node reports apart")
     alive: bool
     last_seen: int
     age_s: float

@@ -422,7 +422,8 @@ async def _nodes(runtime: MonitoringRuntime, org_id: uuid.UUID | None) -> list[N
         age = max(0.0, now - last_seen / 1000)
         out.append(
             NodeHealth(
-                node=name,
+                node=fields.get("node", name),
+                process=name,
                 alive=age <= alive_s,
                 last_seen=last_seen,
                 age_s=round(age, 3),
@@ -434,7 +435,7 @@ async def _nodes(runtime: MonitoringRuntime, org_id: uuid.UUID | None) -> list[N
                 version=fields.get("version"),
             )
         )
-    return sorted(out, key=lambda n: n.node)
+    return sorted(out, key=lambda n: n.process)
 
 
 async def _postgres(runtime: MonitoringRuntime) -> ComponentHealth:

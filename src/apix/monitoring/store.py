@@ -24,7 +24,7 @@ from apix.monitoring.probe import PLATFORM, Counts, Sample
 
 _TTL_S = {10: 7 * 60, 60: 62 * 60}
 ORGS_KEY = "apix:mon:orgs"  # sorted set: organisation → last push (ms)
-NODES_KEY = "apix:mon:nodes"  # sorted set: node → last push (ms)
+NODES_KEY = "apix:mon:nodes"  # sorted set: node process → last push (ms)
 
 HKey = tuple[str, str, str, str]  # (organisation, metric, d1, d2)
 CKey = tuple[str, str, str]  # (organisation, counter, dimension)
@@ -55,7 +55,10 @@ class _Slot:
 
 
 class NodeSlots:
-    """This node's 10-second slots of the current minute (and any not pushed yet)."""
+    """This node's 10-second slots of the current minute (and any not pushed yet).
+
+    ``node`` names the writer: one process of a node (`<node id>:<pid>`).
+    """
 
     def __init__(self, node: str) -> None:
         self.node = node

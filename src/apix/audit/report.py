@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from apix.audit.models import AuditLog
 from apix.audit.service import RequestMeta, check_range, in_chain, read, record
@@ -110,7 +111,7 @@ async def compliance_report(
     return report
 
 
-async def _activity(session: Any, period: ColumnElement[bool]) -> list[dict[str, Any]]:
+async def _activity(session: AsyncSession, period: ColumnElement[bool]) -> list[dict[str, Any]]:
     """Per actor (user or API key): events, failures, first and last, counts by action."""
     failed = func.count().filter(AuditLog.outcome != "success")
     rows = await session.execute(

@@ -27,7 +27,7 @@ def settings(servers: Servers) -> Settings:
             retry_initial_s=0.01,
             retry_max_s=0.02,
             breaker_failures=3,
-            breaker_open_s=0.5,
+            breaker_open_s=1.5,
             health_window=50,
         ),
     )

@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
+import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -355,6 +357,31 @@ async def running(server: FakeServer) -> AsyncIterator[FakeServer]:
         server._release.set()
         uv.should_exit = True
         await task
+        sock.close()
+
+
+@contextmanager
+def running_in_thread(server: FakeServer) -> Iterator[FakeServer]:
+    """Serve ``server`` from a thread of its own, for callers that block the test's loop."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(
+        server, lifespan="off", log_config=None, access_log=False, timeout_graceful_shutdown=1
+    )
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not uv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the fake server did not start")
+        time.sleep(0.01)
+    server.port = sock.getsockname()[1]
+    try:
+        yield server
+    finally:
+        uv.should_exit = True
+        thread.join(10)
         sock.close()
 
 

@@ -7,7 +7,16 @@ import pytest
 
 from tests.identity.factories import Account, new_member, new_org_admin
 from tests.providers.factories import API_KEY, PROVIDERS, new_provider
-from tests.providers.fakes import FakeAnthropic, FakeOpenAI, FakeServer, drop, error, hang, ok
+from tests.providers.fakes import (
+    Behaviour,
+    FakeAnthropic,
+    FakeOpenAI,
+    FakeServer,
+    drop,
+    error,
+    hang,
+    ok,
+)
 
 
 @pytest.fixture
@@ -92,13 +101,16 @@ async def test_a_failing_test_call_returns_the_providers_typed_error(
     fake_openai: FakeOpenAI,
     fake_anthropic: FakeAnthropic,
     kind: str,
-    behaviour: object,
+    behaviour: Behaviour,
     code: str,
     status: int | None,
 ) -> None:
     server: FakeServer = fake_anthropic if kind == "anthropic" else fake_openai
-    server.then(behaviour)  # type: ignore[arg-type]
-    provider = await new_provider(client, admin, server, kind=kind, timeout_s=0.5)
+    server.then(behaviour)
+    # A short timeout only where the server hangs: a loaded machine must not turn an
+    # answered error into a timeout.
+    timeout = 0.5 if behaviour.hang_s else 10.0
+    provider = await new_provider(client, admin, server, kind=kind, timeout_s=timeout)
     result = await _test(client, admin, provider)
     assert result["ok"] is False
     assert result["reply"] is None

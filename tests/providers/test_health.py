@@ -51,7 +51,7 @@ async def test_real_calls_give_availability_error_rate_and_latency_percentiles(
     client: httpx.AsyncClient, admin: Account, fake_openai: FakeOpenAI
 ) -> None:
     provider = await new_provider(client, admin, fake_openai)
-    fake_openai.then(hang(0.2), ok(), ok(), error(400), error(401))
+    fake_openai.then(hang(1.0), ok(), ok(), error(400), error(401))
     for _ in range(5):
         await client.post(f"{PROVIDERS}/{provider['id']}/test", headers=admin.headers)
     health = await _health(client, admin, provider)
@@ -60,7 +60,7 @@ async def test_real_calls_give_availability_error_rate_and_latency_percentiles(
     assert health["error_rate"] == 0.4
     assert health["last_error"] == "provider_auth_error"
     latency = health["latency_ms"]
-    assert latency["p50"] < 200 <= latency["p99"]
+    assert latency["p50"] < 1000 <= latency["p99"]
     assert latency["p50"] <= latency["p95"] <= latency["p99"]
     # 40% errors, but none that opens the circuit: degraded, not unhealthy.
     assert health["status"] == "degraded"

@@ -41,7 +41,8 @@ router = api_router(prefix="/api/v1", tags=["providers"], responses=_ERRORS)
 Reader = Annotated[Principal, Depends(require("providers:read"))]
 User = Annotated[Principal, Depends(require("providers:use"))]
 Admin = Annotated[Principal, Depends(require("providers:write"))]
-ModelPath = Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+_PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
+ModelPath = Annotated[str, Path(min_length=1, max_length=200, pattern=_PRINTABLE)]
 GroupBy = Annotated[list[UsageDimension] | None, Query()]
 _NO_CONTENT = status.HTTP_204_NO_CONTENT
 _CALL_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -139,7 +140,7 @@ async def usage(
     group_by: GroupBy = None,
     provider_id: uuid.UUID | None = None,
     agent_id: uuid.UUID | None = None,
-    model: Annotated[str | None, Query(max_length=200)] = None,
+    model: Annotated[str | None, Query(max_length=200, pattern=_PRINTABLE)] = None,
 ) -> UsageReport:
     """The organisation's calls, tokens and cost, per day, provider, agent and model."""
     return await service.usage_report(

@@ -32,6 +32,12 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Numbers and booleans are taken as JSON types only: `"60"` is no number, `0` no `false`.
+Number = Annotated[float, Field(strict=True)]
+Integer = Annotated[int, Field(strict=True)]
+Flag = Annotated[bool, Field(strict=True)]
+
+
 def _no_control_characters(value: str) -> str:
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise ValueError("must not contain control characters")
@@ -66,7 +72,7 @@ BaseUrl = Annotated[
     str, StringConstraints(strip_whitespace=True, max_length=500), AfterValidator(_http_url)
 ]
 ApiKey = Annotated[SecretStr, Field(min_length=1, max_length=1000)]
-Timeout = Annotated[float, Field(gt=0, le=600)]
+Timeout = Annotated[Number, Field(gt=0, le=600)]
 Capabilities = Annotated[list[Capability], Field(min_length=1, max_length=4)]
 FallbackIds = Annotated[list[uuid.UUID], Field(max_length=MAX_FALLBACKS)]
 
@@ -89,7 +95,7 @@ class ProviderCreate(Strict):
     default_model: ModelName
     capabilities: Capabilities = Field(default_factory=_chat_only)
     timeout_s: Timeout = Field(60.0, description="Per-request (and per-chunk) timeout.")
-    is_primary: bool | None = Field(
+    is_primary: Flag | None = Field(
         None, description="Default: true for the organisation's first provider."
     )
     fallback_ids: FallbackIds = Field(
@@ -112,7 +118,7 @@ class ProviderUpdate(Strict):
     default_model: ModelName | None = None
     capabilities: Capabilities | None = None
     timeout_s: Timeout | None = None
-    is_primary: bool | None = None
+    is_primary: Flag | None = None
     fallback_ids: FallbackIds | None = None
     api_key: ApiKey | None = None
 
@@ -175,7 +181,7 @@ Prompt = Annotated[str, StringConstraints(min_length=1, max_length=32_000)]
 class ProviderTestRequest(Strict):
     prompt: Prompt = "Reply with the single word OK."
     model: ModelName | None = None
-    max_tokens: Annotated[int, Field(ge=1, le=4096)] = 16
+    max_tokens: Annotated[Integer, Field(ge=1, le=4096)] = 16
 
 
 class CallError(BaseModel):
@@ -201,8 +207,10 @@ class ProviderTestResult(BaseModel):
 
 
 class Message(Strict):
+    """One chat message (limits keep a violating body under the request size limit)."""
+
     role: Literal["system", "user", "assistant"]
-    content: Annotated[str, StringConstraints(max_length=200_000)]
+    content: Annotated[str, StringConstraints(max_length=50_000)]
 
 
 class CompletionRequest(Strict):
@@ -211,9 +219,9 @@ class CompletionRequest(Strict):
     provider_id: uuid.UUID | None = None
     policy: Policy | None = None
     model: ModelName | None = None
-    messages: Annotated[list[Message], Field(min_length=1, max_length=500)]
-    max_tokens: Annotated[int, Field(ge=1, le=200_000)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    messages: Annotated[list[Message], Field(min_length=1, max_length=100)]
+    max_tokens: Annotated[Integer, Field(ge=1, le=200_000)] | None = None
+    temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
 
     @model_validator(mode="after")
     def _one_target(self) -> CompletionRequest:
@@ -278,8 +286,8 @@ class UsageReport(BaseModel):
 
 
 class PriceSet(Strict):
-    input_per_mtok: Annotated[float, Field(ge=0, le=1_000_000)]
-    output_per_mtok: Annotated[float, Field(ge=0, le=1_000_000)]
+    input_per_mtok: Annotated[Number, Field(ge=0, le=1_000_000)]
+    output_per_mtok: Annotated[Number, Field(ge=0, le=1_000_000)]
 
 
 class PriceRead(BaseModel):

@@ -213,11 +213,6 @@ async def test_live_delivery_continues_while_postgres_restarts(
     assert ready == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/apix/core/handlers.py: asyncpg's FileNotFoundError (PostgreSQL's unix socket "
-    "gone) is not a backend outage there, so requests needing the database answer 500",
-)
 @pytest.mark.timeout(60)
 async def test_requests_needing_the_database_get_503_while_it_is_down(
     node: Node, postgres: PostgresServer, record_summary: Any

@@ -157,11 +157,6 @@ async def test_websocket_subscribers_lose_no_acknowledged_event_when_redis_resta
     assert all(s.reconnects >= 1 for s in sdk)  # sent away to resume, not left with a gap
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/apix/realtime/sse.py `_pump` sends the events buffered after a Redis "
-    "interruption before it ends the stream, so Last-Event-ID skips what the node missed",
-)
 @pytest.mark.timeout(120)
 async def test_sse_subscribers_lose_no_acknowledged_event_when_redis_restarts(
     nodes: list[Node], redis_server: RedisServer, record_summary: Any

@@ -49,6 +49,9 @@ BACKEND_OUTAGES: tuple[type[Exception], ...] = (
     redis.exceptions.TimeoutError,
     ConnectionError,
     TimeoutError,
+    # Connecting to a server that is down over a unix socket (the embedded PostgreSQL) is a
+    # FileNotFoundError, which SQLAlchemy passes through untranslated.
+    OSError,
 )
 _LOST_CONNECTION = (
     asyncpg.exceptions.PostgresConnectionError,  # incl. "cannot connect now" (starting up)

@@ -120,6 +120,10 @@ async def _pump(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(outbox.wakeup.wait(), timeout=heartbeat)
             outbox.wakeup.clear()
+            if gateway.hub.stats.interruptions != interruptions:
+                # What is buffered came after a gap: sending it would move the client's
+                # Last-Event-ID past events it never got. End here; it resumes before them.
+                return
             if not outbox.frames:
                 yield ": heartbeat\n\n"
                 continue

@@ -3,7 +3,8 @@
 A supervisor task owns the socket: it reads frames, answers the server's pings, refreshes
 the token before it expires, and on a drop reconnects with exponential backoff and full
 jitter, then resubscribes every subscription from its last position (``since``) so that
-iterators continue with no gap and no duplicate. Session resume and ``ack`` are not used.
+iterators continue with no gap and no duplicate. The SDK does not use the server's session
+``resume`` or ``ack`` subscriptions (both served; see docs/protocol.md).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from starlette.routing import WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
 from apix import __version__
+from apix.agents import openai_compat
 from apix.agents import router as agents_router
 from apix.analytics import router as analytics_router
 from apix.analytics.rollup import ApiUsage
@@ -136,6 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin_router.router)
     app.include_router(realtime_router.router)
     app.include_router(agents_router.router)
+    app.include_router(openai_compat.router)
     app.include_router(analytics_router.router)
     app.include_router(audit_router.router)
     app.include_router(providers_router.router)

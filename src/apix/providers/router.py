@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import date
 from typing import Annotated, Any
 
 from fastapi import Depends, Path, Query, Response, status
+from pydantic import BeforeValidator
 
 from apix.core.errors import ErrorResponse
 from apix.core.routing import api_router
@@ -36,6 +38,15 @@ _ERRORS = {
     422: {"model": ErrorResponse},
 }
 
+
+def _iso_day(value: object) -> object:
+    if isinstance(value, str) and not _ISO_DAY.fullmatch(value):
+        raise ValueError("a day is written YYYY-MM-DD")
+    return value
+
+
+_ISO_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
 router = api_router(prefix="/api/v1", tags=["providers"], responses=_ERRORS)
 
 Reader = Annotated[Principal, Depends(require("providers:read"))]
@@ -44,6 +55,8 @@ Admin = Annotated[Principal, Depends(require("providers:write"))]
 _PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
 ModelPath = Annotated[str, Path(min_length=1, max_length=200, pattern=_PRINTABLE)]
 GroupBy = Annotated[list[UsageDimension] | None, Query()]
+# A calendar day written as one (pydantic would otherwise read `0.0` as 1970-01-01).
+Day = Annotated[date, Query(), BeforeValidator(_iso_day)]
 _NO_CONTENT = status.HTTP_204_NO_CONTENT
 _CALL_ERRORS: dict[int | str, dict[str, Any]] = {
     429: {"model": ErrorResponse},
@@ -116,8 +129,8 @@ async def provider_usage(
     provider_id: uuid.UUID,
     principal: Reader,
     runtime: Runtime,
-    since: date | None = None,
-    until: date | None = None,
+    since: Day | None = None,
+    until: Day | None = None,
     group_by: GroupBy = None,
 ) -> UsageReport:
     """This provider's calls, tokens and cost, per day and model by default."""
@@ -135,8 +148,8 @@ async def provider_usage(
 async def usage(
     principal: Reader,
     runtime: Runtime,
-    since: date | None = None,
-    until: date | None = None,
+    since: Day | None = None,
+    until: Day | None = None,
     group_by: GroupBy = None,
     provider_id: uuid.UUID | None = None,
     agent_id: uuid.UUID | None = None,

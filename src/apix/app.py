@@ -121,7 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=settings.server.allowed_origins,
             allow_methods=["*"],
             allow_headers=["*"],
-            expose_headers=["X-Request-ID"],
+            expose_headers=["X-Request-ID", "X-APIX-Run-Id", "X-APIX-Session-Id"],
             max_age=600,
         )
     app.add_middleware(HttpLatencyMiddleware, state=app.state)

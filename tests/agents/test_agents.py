@@ -256,3 +256,27 @@ async def test_no_agent_body_yields_a_server_error(
             f"{AGENTS}/{created.json()['id']}", headers=admin.headers, json=body
         )
         assert patched.status_code in (200, 400, 409, 422), patched.text
+
+
+async def test_text_postgresql_cannot_store_is_refused_with_422(
+    client: httpx.AsyncClient, model: SlowOpenAI
+) -> None:
+    admin = await new_org_admin(client)
+    agent = await new_agent(client, admin, model)
+    for body in (
+        '{"input": "a\\u0000b"}',
+        '{"input": "\\ud800"}',
+        '{"input": "x", "metadata": {"k": "\\u0000"}}',
+    ):
+        response = await client.post(
+            f"{AGENTS}/{agent['id']}/runs",
+            headers={**admin.headers, "content-type": "application/json"},
+            content=body,
+        )
+        assert response.status_code == 422, (body, response.text)
+    session = await client.post(
+        "/api/v1/sessions",
+        headers={**admin.headers, "content-type": "application/json"},
+        content='{"agent_id": "' + agent["id"] + '", "variables": {"v": "\\ud800"}}',
+    )
+    assert session.status_code == 422, session.text

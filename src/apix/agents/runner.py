@@ -444,6 +444,7 @@ class Runner:
                 "provider_id": str(done.provider_id),
                 "provider_name": done.provider_name,
                 "model": done.model,
+                "finish_reason": done.finish_reason,
             }
         timings = {
             "total_ms": round(seconds * 1000, 3),

@@ -8,13 +8,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from apix.identity.schemas import JsonObject, Text
+
 RoutingPolicy = Literal["primary", "lowest_latency", "fallback"]
 RunStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 Busy = Literal["enqueue", "reject"]
 
 _SLUG = r"^[a-z0-9][a-z0-9-]{0,63}$"
-_Metadata = dict[str, Any]
+_Metadata = JsonObject
 
 
 class _Strict(BaseModel):
@@ -30,12 +32,12 @@ class AgentConfig(_Strict):
     routing_policy: RoutingPolicy | None = Field(
         None, description="`primary`, `lowest_latency` or `fallback` when no provider is named."
     )
-    model: str | None = Field(
+    model: Text | None = Field(
         None, max_length=200, description="Model name; unset: the provider's default model."
     )
     temperature: float = Field(0.7, ge=0, le=2)
     max_tokens: int | None = Field(None, ge=1, le=1_000_000)
-    system_prompt: str = Field("", max_length=100_000)
+    system_prompt: Text = Field("", max_length=100_000)
     memory_enabled: bool = False
     tool_ids: list[uuid.UUID] = Field(default_factory=list, max_length=128)
     metadata: _Metadata = Field(default_factory=dict)
@@ -48,23 +50,23 @@ class AgentConfig(_Strict):
 
 
 class AgentCreate(AgentConfig):
-    name: str = Field(min_length=1, max_length=200)
+    name: Text = Field(min_length=1, max_length=200)
     slug: str = Field(pattern=_SLUG, description="Unique in the organisation; used as `model`.")
-    description: str | None = Field(None, max_length=10_000)
+    description: Text | None = Field(None, max_length=10_000)
 
 
 class AgentUpdate(_Strict):
     """Changes to the draft; publishing freezes the draft as the next version."""
 
-    name: str | None = Field(None, min_length=1, max_length=200)
+    name: Text | None = Field(None, min_length=1, max_length=200)
     slug: str | None = Field(None, pattern=_SLUG)
-    description: str | None = Field(None, max_length=10_000)
+    description: Text | None = Field(None, max_length=10_000)
     provider_id: uuid.UUID | None = None
     routing_policy: RoutingPolicy | None = None
-    model: str | None = Field(None, max_length=200)
+    model: Text | None = Field(None, max_length=200)
     temperature: float | None = Field(None, ge=0, le=2)
     max_tokens: int | None = Field(None, ge=1, le=1_000_000)
-    system_prompt: str | None = Field(None, max_length=100_000)
+    system_prompt: Text | None = Field(None, max_length=100_000)
     memory_enabled: bool | None = None
     tool_ids: list[uuid.UUID] | None = Field(None, max_length=128)
     metadata: _Metadata | None = None
@@ -90,12 +92,12 @@ class VersionRead(BaseModel):
 
 
 class RunCreate(_Strict):
-    input: str = Field(min_length=1, max_length=200_000)
+    input: Text = Field(min_length=1, max_length=200_000)
     session_id: uuid.UUID | None = None
     version: int | None = Field(None, ge=1, description="Unset: the latest published version.")
     stream: bool = Field(False, description="Answer as SSE that follows the run.")
     metadata: _Metadata = Field(default_factory=dict)
-    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+    idempotency_key: Text | None = Field(None, min_length=1, max_length=200)
     busy: Busy = Field(
         "enqueue", description="When the session has an active run: wait for it, or 409."
     )
@@ -126,14 +128,14 @@ class RunPage(BaseModel):
 
 class SessionCreate(_Strict):
     agent_id: uuid.UUID
-    end_user_id: str | None = Field(
+    end_user_id: Text | None = Field(
         None, min_length=1, max_length=200, description="Your own id of the end user."
     )
-    variables: dict[str, Any] = Field(default_factory=dict)
+    variables: JsonObject = Field(default_factory=dict)
 
 
 class SessionUpdate(_Strict):
-    variables: dict[str, Any]
+    variables: JsonObject
 
 
 class MessageRead(BaseModel):

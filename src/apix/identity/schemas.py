@@ -21,9 +21,14 @@ from apix.identity.permissions import Role
 
 
 def _no_nul(value: str) -> str:
-    # PostgreSQL text cannot hold NUL; refuse it here with a 422 instead of failing later.
+    # PostgreSQL text cannot hold NUL, nor a lone surrogate (not UTF-8): refuse them here
+    # with a 422 instead of failing later.
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from exc
     return value
 
 

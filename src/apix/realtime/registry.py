@@ -20,6 +20,8 @@ from redis.asyncio import Redis
 from sqlalchemy import func
 from sqlalchemy.dialects.postgresql import insert
 
+from apix.audit import service as audit
+from apix.audit.service import RequestMeta
 from apix.core.json import dumps, loads
 from apix.core.logging import get_logger
 from apix.core.tasks import Periodic
@@ -33,6 +35,49 @@ CONTROL_CHANNEL = "apix:control"
 _NODE_TTL_S = 30
 _CONN_TTL_S = 300
 _CONN_REFRESH_S = 60  # connection keys are refreshed this often, the node key every beat
+
+
+_NODE_META = RequestMeta()  # written by the node itself, not on behalf of a request
+_AUDIT_LIST_MAX = 500  # per list and flush; the rest is counted
+
+
+def _audit_changes(records: list[ConnectionRecord]) -> dict[str, Any]:
+    """Connections opened and closed, and subscriptions added and removed, since the last
+    flush that reached the audit log."""
+    opened: list[dict[str, Any]] = []
+    closed: list[dict[str, Any]] = []
+    subscribed: list[dict[str, Any]] = []
+    unsubscribed: list[dict[str, Any]] = []
+    for r in records:
+        if not r.audited_open:
+            opened.append(
+                {
+                    "connection_id": r.id,
+                    "user_id": str(r.user_id) if r.user_id else None,
+                    "api_key_id": str(r.api_key_id) if r.api_key_id else None,
+                    "client_type": r.client_type,
+                }
+            )
+        added = sorted(set(r.channels) - set(r.audited_channels))
+        removed = sorted(set(r.audited_channels) - set(r.channels))
+        if added:
+            subscribed.append({"connection_id": r.id, "channels": added})
+        if removed:
+            unsubscribed.append({"connection_id": r.id, "channels": removed})
+        if r.disconnected_at is not None and not r.audited_close:
+            closed.append({"connection_id": r.id, "close_code": r.close_code})
+    changes: dict[str, Any] = {}
+    for name, items in (
+        ("opened", opened),
+        ("closed", closed),
+        ("subscribed", subscribed),
+        ("unsubscribed", unsubscribed),
+    ):
+        if items:
+            changes[name] = items[:_AUDIT_LIST_MAX]
+            if len(items) > _AUDIT_LIST_MAX:
+                changes[f"{name}_more"] = len(items) - _AUDIT_LIST_MAX
+    return changes
 
 
 def _conn_key(connection_id: str) -> str:
@@ -69,6 +114,10 @@ class ConnectionRecord:
     disconnected_at: datetime | None = None
     close_code: int | None = None
     rtt_ms: float | None = None
+    # What the audit log already holds about this connection (written with each flush).
+    audited_open: bool = False
+    audited_close: bool = False
+    audited_channels: list[str] = field(default_factory=list)
 
     def public(self) -> dict[str, Any]:
         return {
@@ -221,7 +270,27 @@ class Registry:
     async def _write(
         self, org: uuid.UUID, records: list[ConnectionRecord], channels: list[tuple[str, str]]
     ) -> None:
+        await self._upsert(org, records, channels)
+        for record in records:  # committed: the audit log holds these changes now
+            record.audited_open = True
+            record.audited_close = record.disconnected_at is not None
+            record.audited_channels = list(record.channels)
+
+    async def _upsert(
+        self, org: uuid.UUID, records: list[ConnectionRecord], channels: list[tuple[str, str]]
+    ) -> None:
+        changes = _audit_changes(records)
         async with self.database.transaction(org) as uow:
+            if changes:
+                # One audit event per organisation and flush, not one per connection.
+                await audit.record(
+                    uow,
+                    "realtime.connections",
+                    meta=_NODE_META,
+                    org_id=org,
+                    target_type="apix_connection",
+                    details={"node": self.node, **changes},
+                )
             if records:
                 rows = [
                     {

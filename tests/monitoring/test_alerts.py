@@ -176,3 +176,17 @@ async def test_only_org_admins_change_thresholds(client: httpx.AsyncClient) -> N
     assert (await client.put(url, json={"threshold": 1})).status_code == 401
     response = await client.put(url, headers=developer.headers, json={"threshold": 1})
     assert response.status_code == 403
+
+
+async def test_threshold_changes_are_audited(client: httpx.AsyncClient) -> None:
+    admin = await new_org_admin(client)
+    url = f"{BASE}/thresholds/rtt_p99_ms"
+    assert (
+        await client.put(url, headers=admin.headers, json={"threshold": 500})
+    ).status_code == 200
+    page = await client.get(
+        "/api/v1/audit/logs", headers=admin.headers, params={"action": "monitoring.threshold.set"}
+    )
+    (entry,) = page.json()["items"]
+    assert (entry["target_id"], entry["actor_user_id"]) == ("rtt_p99_ms", admin.user_id)
+    assert entry["details"]["threshold"] == 500

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from apix.core.errors import ErrorResponse, NotFound, Unauthorized
 from apix.core.routing import api_router
+from apix.identity.deps import CurrentPrincipal, Meta
 from apix.infra.deps import SettingsDep
 from apix.monitoring import service
 from apix.monitoring.deps import Runtime, Scope
@@ -72,10 +73,15 @@ async def latency_thresholds(runtime: Runtime, scope: Scope) -> list[ThresholdOu
 
 @router.put("/latency/thresholds/{rule}")
 async def set_latency_threshold(
-    rule: str, data: ThresholdUpdate, runtime: Runtime, scope: Scope
+    rule: str,
+    data: ThresholdUpdate,
+    runtime: Runtime,
+    scope: Scope,
+    principal: CurrentPrincipal,
+    meta: Meta,
 ) -> ThresholdOut:
     """Override one alert rule for the organisation (null fields: the platform default)."""
-    return await service.set_threshold(runtime, scope, rule, data)
+    return await service.set_threshold(runtime, scope, rule, data, principal=principal, meta=meta)
 
 
 @router.get("/latency/dashboard")

@@ -15,8 +15,11 @@ from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 
+from apix.audit import service as audit
+from apix.audit.service import RequestMeta
 from apix.core.errors import BadRequest, NotFound
 from apix.core.json import loads
+from apix.identity.principal import Principal
 from apix.monitoring import alerts, histograms, store
 from apix.monitoring.alerts import PLATFORM_ORG, RULES
 from apix.monitoring.histograms import Window
@@ -166,7 +169,13 @@ async def get_thresholds(
 
 
 async def set_threshold(
-    runtime: MonitoringRuntime, org_id: uuid.UUID | None, rule: str, data: ThresholdUpdate
+    runtime: MonitoringRuntime,
+    org_id: uuid.UUID | None,
+    rule: str,
+    data: ThresholdUpdate,
+    *,
+    principal: Principal,
+    meta: RequestMeta,
 ) -> ThresholdOut:
     """Override one rule for an organisation (null fields fall back to the defaults)."""
     if org_id is None:
@@ -193,6 +202,17 @@ async def set_threshold(
                     "updated_at": func.now(),
                 },
             )
+        )
+        await audit.record(
+            uow,
+            "monitoring.threshold.set",
+            meta=meta,
+            org_id=org_id,
+            actor_user_id=principal.user_id,
+            actor_api_key_id=principal.api_key_id,
+            target_type="alert_rule",
+            target_id=rule,
+            details=data.model_dump(mode="json"),
         )
     runtime.evaluator.forget_thresholds(str(org_id))
     found = await alerts.thresholds(runtime.database, runtime.config, org_id)

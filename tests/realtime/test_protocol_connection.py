@@ -831,6 +831,12 @@ async def test_admin_lists_and_kicks_a_connection_4010(
             break
         await asyncio.sleep(0.05)
     assert connection_id not in connection_ids(listed)
+    trail = await client.get(
+        "/api/v1/audit/logs", headers=admin.headers, params={"action": "realtime.connection.kicked"}
+    )
+    assert [(e["target_id"], e["actor_user_id"]) for e in trail.json()["items"]] == [
+        (connection_id, admin.user_id)
+    ]
 
 
 async def test_connection_admin_needs_org_admin(

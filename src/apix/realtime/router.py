@@ -9,10 +9,11 @@ from typing import Annotated, Literal
 from fastapi import Depends, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 
+from apix.audit import service as audit
 from apix.core.errors import ErrorResponse, NotFound, Unauthorized
 from apix.core.routing import api_router
 from apix.identity import service as identity
-from apix.identity.deps import CurrentPrincipal, credential_from, require
+from apix.identity.deps import CurrentPrincipal, Meta, credential_from, require
 from apix.identity.principal import Principal
 from apix.realtime import channels as channel_registry
 from apix.realtime import service
@@ -108,11 +109,23 @@ async def kick_connection(
     connection_id: str,
     principal: Annotated[Principal, Depends(require("apix:admin"))],
     gateway: GatewayDep,
+    meta: Meta,
 ) -> Response:
     """Disconnect one connection (close 4010), whichever node holds it."""
     assert principal.org_id is not None  # noqa: S101
     if await gateway.registry.find(principal.org_id, connection_id) is None:
         raise NotFound("no such connection")
+    async with gateway.identity.database.transaction(principal.org_id) as uow:
+        await audit.record(
+            uow,
+            "realtime.connection.kicked",
+            meta=meta,
+            org_id=principal.org_id,
+            actor_user_id=principal.user_id,
+            actor_api_key_id=principal.api_key_id,
+            target_type="apix_connection",
+            target_id=connection_id,
+        )
     await gateway.registry.kick(connection_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 

@@ -280,3 +280,43 @@ async def test_text_postgresql_cannot_store_is_refused_with_422(
         content='{"agent_id": "' + agent["id"] + '", "variables": {"v": "\\ud800"}}',
     )
     assert session.status_code == 422, session.text
+
+
+async def test_agent_and_session_changes_are_audited_with_a_diff(
+    client: httpx.AsyncClient, model: SlowOpenAI
+) -> None:
+    admin = await new_org_admin(client)
+    agent = await new_agent(client, admin, model, temperature=0.2)
+    await client.patch(
+        f"{AGENTS}/{agent['id']}", headers=admin.headers, json={"temperature": 0.9, "name": "New"}
+    )
+    session = (
+        await client.post(
+            "/api/v1/sessions",
+            headers=admin.headers,
+            json={"agent_id": agent["id"], "variables": {"plan": "free", "api_token": "s3cr3t"}},
+        )
+    ).json()
+    await client.patch(
+        f"/api/v1/sessions/{session['id']}",
+        headers=admin.headers,
+        json={"variables": {"plan": "pro", "api_token": "n3w"}},
+    )
+
+    async def entry(action: str) -> dict[str, Any]:
+        page = await client.get(
+            "/api/v1/audit/logs", headers=admin.headers, params={"action": action}
+        )
+        (item,) = page.json()["items"]
+        return item  # type: ignore[no-any-return]
+
+    updated = await entry("agent.updated")
+    assert updated["details"]["changes"] == {
+        "config.temperature": {"from": 0.2, "to": 0.9},
+        "name": {"from": "Helper", "to": "New"},
+    }
+    variables = await entry("session.variables.updated")
+    assert variables["details"]["changes"]["plan"] == {"from": "free", "to": "pro"}
+    assert "s3cr3t" not in str(variables)
+    assert "n3w" not in str(variables)
+    assert (await entry("agent.published"))["details"] == {"version": 1}

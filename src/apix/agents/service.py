@@ -118,6 +118,16 @@ def _org(principal_org: uuid.UUID | None) -> uuid.UUID:
 # --- agents ---------------------------------------------------------------------------
 
 
+def _audited(row: Agent) -> dict[str, Any]:
+    """An agent's fields as an audit diff compares them (the draft's config flattened)."""
+    return {
+        "name": row.name,
+        "slug": row.slug,
+        "description": row.description,
+        **{f"config.{k}": v for k, v in row.config.items()},
+    }
+
+
 def agent_read(row: Agent) -> AgentRead:
     return AgentRead(
         id=row.id,
@@ -222,7 +232,7 @@ async def update_agent(
     try:
         async with rt.database.transaction(org_id) as uow:
             row = await _agent(uow, org_id, agent_id)
-            before = {"name": row.name, "slug": row.slug, "description": row.description}
+            before = _audited(row)
             for field in ("name", "slug", "description"):
                 if field in changes:
                     if changes[field] is None and field != "description":
@@ -240,10 +250,6 @@ async def update_agent(
                 row.draft_changed = True
             row.updated_at = datetime.now(UTC)
             await uow.session.flush()
-            after = {"name": row.name, "slug": row.slug, "description": row.description}
-            changed = {
-                k: {"from": before[k], "to": after[k]} for k in after if before[k] != after[k]
-            }
             await audit.record(
                 uow,
                 "agent.updated",
@@ -251,7 +257,7 @@ async def update_agent(
                 org_id=org_id,
                 target_type="agent",
                 target_id=row.id,
-                details={"changed": changed, "config_fields": sorted(changes)},
+                details={"changes": audit.changes(before, _audited(row))},
                 **_actor(principal),
             )
     except IntegrityError as exc:
@@ -458,9 +464,7 @@ async def update_session(
     org_id = _org(principal.org_id)
     async with rt.database.transaction(org_id) as uow:
         row = await _session(uow, principal, org_id, session_id, lock=True)
-        changed = sorted(
-            k for k in {*row.variables, *variables} if row.variables.get(k) != variables.get(k)
-        )
+        changes = audit.changes(row.variables, variables)
         row.variables = variables
         row.updated_at = datetime.now(UTC)
         await uow.session.flush()
@@ -471,7 +475,7 @@ async def update_session(
             org_id=org_id,
             target_type="chat_session",
             target_id=row.id,
-            details={"changed": changed},
+            details={"changes": changes},
             **_actor(principal),
         )
         event = VariablesUpdated(session_id=row.id, variables=variables)

@@ -14,6 +14,9 @@ from redis.asyncio import Redis
 
 from apix.agents.runner import Runner
 from apix.agents.service import AgentsRuntime
+from apix.audit.errors import ChainBroken
+from apix.audit.retention import prune
+from apix.audit.service import organization_ids
 from apix.config import Settings
 from apix.core.logging import get_logger
 from apix.core.tasks import Periodic
@@ -27,6 +30,8 @@ from apix.realtime.broker import Broker
 log = get_logger(__name__)
 
 _CHECKS_LOCK = "apix:provider-checks"  # one worker of the cluster checks per interval
+_PRUNE_LOCK = "apix:audit-prune"  # one worker of the cluster prunes per day
+_PRUNE_S = 24 * 3600.0
 
 
 class Workers:
@@ -52,6 +57,9 @@ class Workers:
         self.checks = (
             Periodic("apix-provider-checks", interval, self.check_providers) if interval else None
         )
+        self.database = database
+        self.secret = settings.secret_key.get_secret_value().encode()
+        self.audit_prune = Periodic("apix-audit-prune", _PRUNE_S, self.prune_audit)
 
     async def start(self) -> None:
         if self.archiver is not None:
@@ -59,6 +67,7 @@ class Workers:
         await self.runner.start()
         if self.checks is not None:
             self.checks.start()
+        self.audit_prune.start()
 
     async def check_providers(self) -> None:
         """Every provider's active health check, by one worker of the cluster per interval."""
@@ -68,7 +77,22 @@ class Workers:
             results = await check_all(self.providers)
             log.info("provider checks", checked=len(results), failed=sum(not r.ok for r in results))
 
+    async def prune_audit(self) -> None:
+        """Apply every organisation's audit retention, once a day across the cluster."""
+        if not await self.redis.set(_PRUNE_LOCK, "1", nx=True, px=int(_PRUNE_S * 1000 * 0.9)):
+            return
+        for org_id in [None, *await organization_ids(self.database)]:
+            try:
+                result = await prune(self.database, org_id, self.secret)
+            except ChainBroken as exc:
+                # Evidence is never discarded: `apix audit verify` shows the broken link.
+                log.error("audit chain broken; not pruned", org_id=str(org_id), error=exc.message)
+                continue
+            if result["removed"]:
+                log.info("audit pruned", org_id=str(org_id), removed=result["removed"])
+
     async def stop(self) -> None:
+        await self.audit_prune.stop()
         if self.checks is not None:
             await self.checks.stop()
         await self.runner.stop()

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 from apix.app import create_app
 from apix.config import ProvidersSettings, Settings, WorkerSettings
@@ -129,3 +130,22 @@ async def test_workers_check_providers_periodically(
         await client.get(f"/api/v1/providers/{agent['provider']['id']}", headers=admin.headers)
     ).json()
     assert provider["health"]["check_latency_ms"] is not None
+
+
+async def test_audit_retention_is_applied_once_a_day_across_the_cluster(
+    checking_node: httpx.AsyncClient, servers: Servers
+) -> None:
+    client = checking_node
+    await new_org_admin(client)
+    workers = client._transport.app.state.workers  # type: ignore[attr-defined]
+    redis = Redis.from_url(servers.redis_url)
+    try:
+        await workers.prune_audit()
+        ttl_ms = await redis.pttl("apix:audit-prune")
+        assert 0.8 * 24 * 3600 * 1000 < ttl_ms <= 0.9 * 24 * 3600 * 1000
+        # Another worker of the cluster, the same day: nothing to do (the lock holds).
+        await redis.set("apix:audit-prune", "1", px=1000)
+        await workers.prune_audit()
+        assert await redis.pttl("apix:audit-prune") <= 1000
+    finally:
+        await redis.aclose()

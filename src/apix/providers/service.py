@@ -222,6 +222,7 @@ async def update_provider(
     try:
         async with rt.database.transaction(org_id) as uow:
             row = await repository.get(uow, org_id, provider_id, for_update=True)
+            before = _audit_fields(row)
             if data.name is not None and data.name != row.name:
                 if await repository.name_taken(uow, org_id, data.name, other_than=row.id):
                     raise ProviderNameTaken
@@ -245,7 +246,10 @@ async def update_provider(
                 _set_key(rt, row, data.api_key.get_secret_value() if data.api_key else None)
             await uow.session.flush()
             await uow.session.refresh(row)
-            details: dict[str, object] = {"fields": changed, **_audit_fields(row)}
+            details: dict[str, object] = {
+                "fields": changed,
+                "changes": audit.changes(before, _audit_fields(row)),
+            }
             if "api_key" in data.model_fields_set:
                 details["api_key"] = "set" if data.api_key else "removed"
             await audit.record(

@@ -44,7 +44,7 @@ async def _drain(frames: list[str]) -> tuple[SendQueue, list[dict[str, Any]]]:
         await gate.wait()
         sent.append(frame)
 
-    queue = SendQueue(40_000, lambda: pytest.fail("overflow"))
+    queue = SendQueue(40_000, lambda _dropped: pytest.fail("overflow"))
     writer = asyncio.create_task(run_writer(queue, send))
     for frame in frames:
         queue.push(frame)

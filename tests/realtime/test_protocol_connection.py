@@ -8,6 +8,7 @@ configured short (a node with its own settings) so the whole file runs in second
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -805,6 +806,43 @@ async def _overflow_a_slow_subscriber(
         # The slow one, reading at last, finds 4011 after what had been sent.
         code, _ = await slow.closed(timeout=10)
         assert code == 4011
+
+
+async def test_a_slow_consumer_resumes_from_what_it_was_actually_sent(servers: Servers) -> None:
+    """Frames still queued when a slow consumer is closed (4011) were never sent: its
+    session's positions exclude them, so a resume replays them, without gap or repeat."""
+    # Larger than the socket's own write buffer: frames wait in the queue once it is full.
+    async with node(servers, realtime={"send_buffer_bytes": 262144}) as n:
+        admin = await new_org_admin(n.http)
+        channel = "room:slow-resume"
+        sock = await _small_window_socket(n.live.port)
+        published: list[str] = []
+        async with raw_socket(n.live.ws, sock=sock, max_queue=1, compression=None) as slow:
+            hello = await slow.connect(admin.access_token)
+            await slow.subscribe(channel)
+            for i in range(2000):
+                response = await n.http.post(
+                    f"/api/v1/apix/channels/{channel}/events",
+                    headers=admin.headers,
+                    json={"type": "load.tick", "data": {"i": i, "blob": os.urandom(3000).hex()}},
+                )
+                published.append(response.json()["offset"])
+                if i % 10 == 9:
+                    listed = await n.http.get(CONNECTIONS, headers=admin.headers)
+                    if hello["connection_id"] not in connection_ids(listed):
+                        break
+            got: list[str] = []
+            with contextlib.suppress(websockets.ConnectionClosed):
+                while True:
+                    frame = await slow.recv(timeout=10)
+                    if frame.get("op") == "event":
+                        got.append(frame["offset"])
+        assert 0 < len(got) < len(published)
+        async with raw_socket(n.live.ws) as again:
+            resumed = await again.connect(admin.access_token, resume=hello["session"])
+            (sub,) = resumed["subscriptions"]
+            replay = [e["offset"] for e in await again.events(sub["replayed"], timeout=10)]
+        assert got + replay == published
 
 
 async def test_admin_lists_and_kicks_a_connection_4010(

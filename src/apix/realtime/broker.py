@@ -215,6 +215,22 @@ def event_frame(channel: str, offset: str, epoch: str, payload: bytes, attempt: 
     )
 
 
+_FRAME_HEAD = '{"op":"event","channel":"'
+_OFFSET_FIELD = '","offset":"'
+
+
+def event_position(frame: str) -> tuple[str, tuple[int, int]] | None:
+    """(channel, offset) of an `event` frame built by `event_frame`; None for other frames
+    (replies, presence events, which have no offset)."""
+    if not frame.startswith(_FRAME_HEAD):
+        return None
+    end = frame.find('"', len(_FRAME_HEAD))
+    if not frame.startswith(_OFFSET_FIELD, end):
+        return None
+    start = end + len(_OFFSET_FIELD)
+    return frame[len(_FRAME_HEAD) : end], offset_key(frame[start : frame.index('"', start)])
+
+
 class Broker:
     def __init__(self, redis: Redis, *, source: str, archive: bool = True) -> None:
         self.redis = redis

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 SendText = Callable[[str], Awaitable[None]]
-OnOverflow = Callable[[], None]
+# Called once with the frames dropped from the queue (never sent) when it overflows.
+OnOverflow = Callable[[list[str]], None]
 
 
 class DirectWriter(Protocol):
@@ -88,6 +89,7 @@ class SendQueue:
 
     __slots__ = (
         "_frames",
+        "_in_flight",
         "_keyed",
         "_limit",
         "_on_overflow",
@@ -109,6 +111,7 @@ class SendQueue:
     ) -> None:
         self._frames: deque[str | _Live] = deque()
         self._keyed: dict[tuple[str, ...], _Live] = {}
+        self._in_flight: str | None = None
         self._limit = limit_bytes
         self._pressure = int(limit_bytes * PRESSURE_RATIO)
         self.coalesced = 0
@@ -143,7 +146,7 @@ class SendQueue:
                 probe.written(frame, self.label)  # type: ignore[arg-type]
             if direct.buffered() > self._limit:
                 self.closed = True
-                self._on_overflow()
+                self._on_overflow([])
             return
         entry = _Live(frame)
         if self.size >= self._pressure:
@@ -152,9 +155,12 @@ class SendQueue:
         self.size += len(frame)
         if self.size > self._limit:
             self.closed = True
+            # The frame being sent is waiting for the socket: it never left either.
+            dropped: list[str | None] = [self._in_flight]
+            dropped += [f if isinstance(f, str) else f.frame for f in self._frames]
             self._frames.clear()
             self._keyed.clear()
-            self._on_overflow()
+            self._on_overflow([f for f in dropped if f is not None])
             return
         self.empty.clear()
         if not self._pending:
@@ -212,10 +218,12 @@ class SendQueue:
                     frame, live = item.frame, True
                 self.size -= len(frame)
                 self._sending = True
+                self._in_flight = frame
                 try:
                     await send(frame)
                 finally:
                     self._sending = False
+                    self._in_flight = None
                 if live and self.probe is not None:
                     self.probe.written(frame, self.label)  # type: ignore[arg-type]
             if not frames:

@@ -45,7 +45,14 @@ from apix.identity.runtime import IdentityRuntime
 from apix.monitoring.probe import DeliveryProbe, Label
 from apix.realtime import archive, service
 from apix.realtime import channels as channel_registry
-from apix.realtime.broker import Broker, Snapshot, StoredEvent, event_frame, offset_key
+from apix.realtime.broker import (
+    Broker,
+    Snapshot,
+    StoredEvent,
+    event_frame,
+    event_position,
+    offset_key,
+)
 from apix.realtime.channels import ChannelRef
 from apix.realtime.connection import SendQueue, run_writer
 from apix.realtime.delivery import Redelivery, Sessions, new_session_token, offset_before
@@ -449,7 +456,18 @@ class ClientConnection:
     async def _send_text(self, frame: str) -> None:
         await self._send({"type": "websocket.send", "text": frame})
 
-    def _overflow(self) -> None:
+    def _overflow(self, dropped: list[str]) -> None:
+        """Close 4011. Positions moved when the dropped frames were queued, but they were
+        never sent: move them back, so that a resume replays them."""
+        first: dict[str, tuple[int, int]] = {}
+        for frame in dropped:
+            at = event_position(frame)
+            if at is not None and (at[0] not in first or at[1] < first[at[0]]):
+                first[at[0]] = at[1]
+        for name, (ms, seq) in first.items():
+            sub = self.subscriptions.get(name)
+            if sub is not None and (ms, seq) <= sub.last_key:
+                sub.advance(offset_before(f"{ms}-{seq}"))
         self.close(SLOW_CONSUMER, "slow consumer")
 
     async def _cleanup(self) -> None:

@@ -20,16 +20,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
+from apix.identity.models import org_fk
 from apix.infra.database import Base
-
-
-def _org_fk() -> Mapped[uuid.UUID]:
-    return mapped_column(
-        UUID(as_uuid=True),
-        ForeignKey("organization.id", ondelete="CASCADE"),
-        nullable=False,
-        index=True,
-    )
 
 
 def _created() -> Mapped[datetime]:
@@ -41,7 +33,7 @@ class Agent(Base):
     __table_args__ = (UniqueConstraint("org_id", "slug"),)
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
-    org_id: Mapped[uuid.UUID] = _org_fk()
+    org_id: Mapped[uuid.UUID] = org_fk()
     slug: Mapped[str] = mapped_column(String(64), nullable=False)
     name: Mapped[str] = mapped_column(String(200), nullable=False)
     description: Mapped[str | None] = mapped_column(Text)
@@ -60,7 +52,7 @@ class AgentVersion(Base):
     __table_args__ = (UniqueConstraint("agent_id", "version"),)
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
-    org_id: Mapped[uuid.UUID] = _org_fk()
+    org_id: Mapped[uuid.UUID] = org_fk()
     agent_id: Mapped[uuid.UUID] = mapped_column(
         UUID(as_uuid=True), ForeignKey("agent.id", ondelete="CASCADE"), nullable=False
     )
@@ -76,7 +68,7 @@ class ChatSession(Base):
     __tablename__ = "chat_session"
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
-    org_id: Mapped[uuid.UUID] = _org_fk()
+    org_id: Mapped[uuid.UUID] = org_fk()
     agent_id: Mapped[uuid.UUID] = mapped_column(
         UUID(as_uuid=True), ForeignKey("agent.id", ondelete="CASCADE"), nullable=False, index=True
     )
@@ -95,7 +87,7 @@ class ChatMessage(Base):
     __table_args__ = (Index("ix_chat_message_session_id_created_at", "session_id", "created_at"),)
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
-    org_id: Mapped[uuid.UUID] = _org_fk()
+    org_id: Mapped[uuid.UUID] = org_fk()
     session_id: Mapped[uuid.UUID] = mapped_column(
         UUID(as_uuid=True), ForeignKey("chat_session.id", ondelete="CASCADE"), nullable=False
     )
@@ -115,7 +107,7 @@ class AgentRun(Base):
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
-    org_id: Mapped[uuid.UUID] = _org_fk()
+    org_id: Mapped[uuid.UUID] = org_fk()
     agent_id: Mapped[uuid.UUID] = mapped_column(
         UUID(as_uuid=True), ForeignKey("agent.id", ondelete="CASCADE"), nullable=False
     )

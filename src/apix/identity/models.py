@@ -36,7 +36,8 @@ def _created() -> Mapped[datetime]:
     return mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
 
 
-def _org_fk() -> Mapped[uuid.UUID]:
+def org_fk() -> Mapped[uuid.UUID]:
+    """A tenant table's `org_id`: its organisation, deleted with it, indexed."""
     return mapped_column(
         UUID(as_uuid=True),
         ForeignKey("organization.id", ondelete="CASCADE"),
@@ -85,7 +86,7 @@ class Membership(Base):
     __table_args__ = (UniqueConstraint("org_id", "user_id"),)
 
     id: Mapped[uuid.UUID] = _uuid_pk()
-    org_id: Mapped[uuid.UUID] = _org_fk()
+    org_id: Mapped[uuid.UUID] = org_fk()
     user_id: Mapped[uuid.UUID] = mapped_column(
         UUID(as_uuid=True),
         ForeignKey("user_account.id", ondelete="CASCADE"),
@@ -140,7 +141,7 @@ class ApiKey(Base):
     __tablename__ = "api_key"
 
     id: Mapped[uuid.UUID] = _uuid_pk()
-    org_id: Mapped[uuid.UUID] = _org_fk()
+    org_id: Mapped[uuid.UUID] = org_fk()
     name: Mapped[str] = mapped_column(String(200), nullable=False)
     prefix: Mapped[str] = mapped_column(String(16), nullable=False)
     token_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
@@ -157,7 +158,7 @@ class Invitation(Base):
     __tablename__ = "invitation"
 
     id: Mapped[uuid.UUID] = _uuid_pk()
-    org_id: Mapped[uuid.UUID] = _org_fk()
+    org_id: Mapped[uuid.UUID] = org_fk()
     email: Mapped[str] = mapped_column(String(320), nullable=False)
     role: Mapped[str] = mapped_column(String(20), nullable=False)
     token_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)

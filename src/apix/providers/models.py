@@ -16,7 +16,6 @@ from sqlalchemy import (
     Date,
     DateTime,
     Float,
-    ForeignKey,
     Index,
     Integer,
     Numeric,
@@ -29,16 +28,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
+from apix.identity.models import org_fk
 from apix.infra.database import Base
-
-
-def _org_fk() -> Mapped[uuid.UUID]:
-    return mapped_column(
-        UUID(as_uuid=True),
-        ForeignKey("organization.id", ondelete="CASCADE"),
-        nullable=False,
-        index=True,
-    )
 
 
 class Provider(Base):
@@ -55,7 +46,7 @@ class Provider(Base):
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
-    org_id: Mapped[uuid.UUID] = _org_fk()
+    org_id: Mapped[uuid.UUID] = org_fk()
     name: Mapped[str] = mapped_column(String(100), nullable=False)
     kind: Mapped[str] = mapped_column(String(20), nullable=False)
     base_url: Mapped[str | None] = mapped_column(String(500))
@@ -84,7 +75,7 @@ class ModelPrice(Base):
     __table_args__ = (UniqueConstraint("org_id", "model"),)
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
-    org_id: Mapped[uuid.UUID] = _org_fk()
+    org_id: Mapped[uuid.UUID] = org_fk()
     model: Mapped[str] = mapped_column(String(200), nullable=False)
     input_per_mtok: Mapped[Decimal] = mapped_column(Numeric(14, 6), nullable=False)
     output_per_mtok: Mapped[Decimal] = mapped_column(Numeric(14, 6), nullable=False)
@@ -110,7 +101,7 @@ class ProviderUsage(Base):
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
-    org_id: Mapped[uuid.UUID] = _org_fk()
+    org_id: Mapped[uuid.UUID] = org_fk()
     day: Mapped[date] = mapped_column(Date, nullable=False)
     provider_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
     agent_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))

@@ -314,12 +314,14 @@ async def test_a_failed_half_open_probe_opens_the_circuit_again(
     client: httpx.AsyncClient, admin: Account, fake_openai: FakeOpenAI, fake_openai_2: FakeOpenAI
 ) -> None:
     fake_openai.default = error(500)
-    _, b = await _pair(client, admin, fake_openai, fake_openai_2)
+    # A generous timeout: under load a probe must fail by the 500, not by timing out.
+    _, b = await _pair(client, admin, fake_openai, fake_openai_2, timeout_s=30.0)
     _ok(await complete(client, admin, policy="fallback"))
     await asyncio.sleep(1.6)
     probe = _ok(await complete(client, admin, policy="fallback"))
     assert probe["provider_id"] == b["id"]
     assert probe["hops"][0]["attempts"] == 1  # a probe is one call, not three
+    assert probe["hops"][0]["reason"] != "provider_timeout", probe["hops"]
     assert len(fake_openai.calls) == 4
     again = _ok(await complete(client, admin, policy="fallback"))
     assert again["hops"][0]["reason"] == "circuit_open"

@@ -136,6 +136,7 @@ class Apix(Target):
         self.servers_dir: Path | None = None
         self.org_slug = ""
         self.email = ""
+        self.worker: Proc | None = None
 
     def _ensure_servers(self, workdir: Path) -> None:
         if self.embedded is not None:
@@ -168,6 +169,9 @@ class Apix(Target):
                 "APIX_REALTIME__COMMAND_BURST": "1000000",
                 "APIX_AUTH__LOGIN_FAILURES_PER_IP": "10000",
                 "APIX_AUTH__ACCESS_TTL_S": "7200",
+                # As in production: the nodes serve, one `apix worker` archives (see aux).
+                "APIX_WORKER__EMBEDDED": "false",
+                "APIX_MONITORING__METRICS_TOKEN": "bench",
             }
         )
         return env
@@ -184,6 +188,10 @@ class Apix(Target):
             self.procs.append(proc)
             self.ports.append(port)
             self._wait_ready(proc, port)  # the first node creates the shared signing key
+        argv = [sys.executable, "-m", "apix", "worker", "--consumer", "bench-worker"]
+        env = self._env(workdir, "bench-worker", 0, 1)
+        log = workdir / "bench-worker.log"
+        self.worker = Proc("bench-worker", argv, log=log, env=env, cwd=workdir)
         self.token = self._login()
 
     def _wait_ready(self, proc: Proc, port: int) -> None:
@@ -226,7 +234,10 @@ class Apix(Target):
         return url, {"authorization": f"Bearer {self.token}"}
 
     def aux_pids(self) -> list[int]:
+        """Redis, PostgreSQL and the `apix worker` archiving the events."""
         pids: list[int] = []
+        if self.worker is not None and self.worker.alive():
+            pids.append(self.worker.pid)
         if self.embedded is None:
             return pids
         with contextlib.suppress(Exception):
@@ -248,6 +259,12 @@ class Apix(Target):
             ]
             pids.extend(c.pid for c in children) if children else pids.append(proc.pid)
         return pids
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+        super().stop()
 
     def close(self) -> None:
         self.stop()

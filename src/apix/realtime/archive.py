@@ -50,6 +50,7 @@ log = get_logger(__name__)
 GROUP = "archivers"
 _WORKERS = "apix:archive:workers"  # sorted set: archiver → last heartbeat (ms)
 _BLOCK_MS = 500
+_GATHER_S = 0.1  # at most ten archive rounds a second while events trickle in
 _UPKEEP_S = 3600.0
 _DAYS_AHEAD = 3
 _CLOCK_SLACK = timedelta(minutes=5)
@@ -146,8 +147,11 @@ class Archiver:
             if not self.owned:
                 await asyncio.sleep(_BLOCK_MS / 1000)
                 return
-            await self.archive_once()
+            handled = await self.archive_once()
             self._failures_in_a_row = 0
+            if 0 < handled < self.settings.archive_batch:
+                # A trickle: let it gather for a moment, so rows go in tens, not ones.
+                await asyncio.sleep(_GATHER_S)
         except Exception as exc:
             if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
                 # Redis lost its data (restarted without persistence): leases are gone too.

@@ -41,14 +41,14 @@ _NODE_META = RequestMeta()  # written by the node itself, not on behalf of a req
 _AUDIT_LIST_MAX = 500  # per list and flush; the rest is counted
 
 
-def _audit_changes(records: list[ConnectionRecord]) -> dict[str, Any]:
+def _audit_changes(seen: list[tuple[ConnectionRecord, list[str], bool]]) -> dict[str, Any]:
     """Connections opened and closed, and subscriptions added and removed, since the last
-    flush that reached the audit log."""
+    flush that reached the audit log; ``seen``: (record, its channels, closed) now."""
     opened: list[dict[str, Any]] = []
     closed: list[dict[str, Any]] = []
     subscribed: list[dict[str, Any]] = []
     unsubscribed: list[dict[str, Any]] = []
-    for r in records:
+    for r, channels, closed_now in seen:
         if not r.audited_open:
             opened.append(
                 {
@@ -58,13 +58,13 @@ def _audit_changes(records: list[ConnectionRecord]) -> dict[str, Any]:
                     "client_type": r.client_type,
                 }
             )
-        added = sorted(set(r.channels) - set(r.audited_channels))
-        removed = sorted(set(r.audited_channels) - set(r.channels))
+        added = sorted(set(channels) - set(r.audited_channels))
+        removed = sorted(set(r.audited_channels) - set(channels))
         if added:
             subscribed.append({"connection_id": r.id, "channels": added})
         if removed:
             unsubscribed.append({"connection_id": r.id, "channels": removed})
-        if r.disconnected_at is not None and not r.audited_close:
+        if closed_now and not r.audited_close:
             closed.append({"connection_id": r.id, "close_code": r.close_code})
     changes: dict[str, Any] = {}
     for name, items in (
@@ -270,16 +270,21 @@ class Registry:
     async def _write(
         self, org: uuid.UUID, records: list[ConnectionRecord], channels: list[tuple[str, str]]
     ) -> None:
-        await self._upsert(org, records, channels)
-        for record in records:  # committed: the audit log holds these changes now
+        # What the audit event will say, as of now: records keep changing while we write.
+        seen = [(r, list(r.channels), r.disconnected_at is not None) for r in records]
+        await self._upsert(org, records, channels, _audit_changes(seen))
+        for record, channels_seen, closed_seen in seen:  # committed: the log holds these
             record.audited_open = True
-            record.audited_close = record.disconnected_at is not None
-            record.audited_channels = list(record.channels)
+            record.audited_close = closed_seen
+            record.audited_channels = channels_seen
 
     async def _upsert(
-        self, org: uuid.UUID, records: list[ConnectionRecord], channels: list[tuple[str, str]]
+        self,
+        org: uuid.UUID,
+        records: list[ConnectionRecord],
+        channels: list[tuple[str, str]],
+        changes: dict[str, Any],
     ) -> None:
-        changes = _audit_changes(records)
         async with self.database.transaction(org) as uow:
             if changes:
                 # One audit event per organisation and flush, not one per connection.

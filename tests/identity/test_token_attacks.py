@@ -14,6 +14,7 @@ import hmac
 import json
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -424,3 +425,21 @@ async def test_refresh_token_reuse_revokes_the_whole_session(client: httpx.Async
     again = await client.post(REFRESH, json={"refresh_token": rotated["refresh_token"]})
     assert again.status_code == 401, again.text
     assert again.json()["error"]["code"] == "invalid_token"
+
+
+async def test_a_verified_token_is_cached_but_still_expires_and_is_still_revocable(
+    client: httpx.AsyncClient, runtime: Any
+) -> None:
+    admin = await new_org_admin(client)
+    token = admin.access_token
+    assert (await client.get("/api/v1/auth/profile", headers=admin.headers)).status_code == 200
+    cached = runtime.verified.get(token)
+    assert cached is not None, "the verified token is remembered"
+    # Past its expiry (beyond the leeway), the cached entry is refused like the token.
+    runtime.verified[token] = replace(cached, expires_at=int(time.time()) - 60)
+    expired = await client.get("/api/v1/auth/profile", headers=admin.headers)
+    assert (expired.status_code, expired.json()["error"]["code"]) == (401, "token_expired")
+    runtime.verified[token] = cached
+    # Logging out revokes the session: the cache does not keep the token alive.
+    assert (await client.post("/api/v1/auth/logout", headers=admin.headers)).status_code == 204
+    assert (await client.get("/api/v1/auth/profile", headers=admin.headers)).status_code == 401

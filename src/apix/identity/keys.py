@@ -8,6 +8,7 @@ reaches the others that share the folder without a restart.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import secrets
@@ -31,8 +32,13 @@ class SigningKey:
     private_key: rsa.RSAPrivateKey
     created_at: float
 
+    @functools.cached_property
+    def public_key(self) -> rsa.RSAPublicKey:
+        """Derived once: every token verification needs it."""
+        return self.private_key.public_key()
+
     def public_jwk(self) -> dict[str, Any]:
-        jwk: dict[str, Any] = RSAAlgorithm.to_jwk(self.private_key.public_key(), as_dict=True)
+        jwk: dict[str, Any] = RSAAlgorithm.to_jwk(self.public_key, as_dict=True)
         return {**jwk, "kid": self.kid, "use": "sig", "alg": "RS256"}
 
 

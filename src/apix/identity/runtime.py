@@ -9,9 +9,10 @@ when a node starts, so a Redis restart cannot quietly revive revoked tokens.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from cachetools import TTLCache
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
@@ -24,8 +25,11 @@ from apix.core.time import utcnow
 from apix.identity.keys import KeyRing
 from apix.identity.models import Organization, SessionRevocation
 from apix.identity.passwords import Passwords
+from apix.identity.tokens import AccessClaims
 from apix.infra.database import Database
 
+_VERIFIED_MAX = 10_000
+_VERIFIED_TTL_S = 60.0
 _SID_KEY = "apix:auth:revoked-sid:{}"
 _ORG_KEY = "apix:auth:suspended-org:{}"
 
@@ -39,6 +43,11 @@ class IdentityRuntime:
     passwords: Passwords
     mfa_box: SecretBox
     login_limiter: MovingWindowRateLimiter
+    # Access tokens whose signature and claims were checked, by token: a reconnecting or
+    # busy client is not verified again for a minute (expiry and revocation still are).
+    verified: TTLCache[str, AccessClaims] = field(
+        default_factory=lambda: TTLCache(maxsize=_VERIFIED_MAX, ttl=_VERIFIED_TTL_S)
+    )
 
     @classmethod
     def create(cls, settings: Settings, database: Database, redis: Redis) -> IdentityRuntime:

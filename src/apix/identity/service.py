@@ -7,6 +7,7 @@ rollback of the failed request cannot erase it.
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -636,12 +637,17 @@ async def authenticate(rt: IdentityRuntime, credential: str) -> Principal:
     """The principal behind an access token or API key, or an `Unauthorized` error."""
     if credential.startswith(f"{API_KEY_PREFIX}_"):
         return await _authenticate_api_key(rt, credential)
-    try:
-        claims = tokens.verify(rt.keyring, rt.settings.auth, credential)
-    except tokens.TokenError as exc:
-        if exc.expired:
-            raise errors.TokenExpired from exc
-        raise errors.InvalidToken(str(exc)) from exc
+    claims = rt.verified.get(credential)
+    if claims is None:
+        try:
+            claims = tokens.verify(rt.keyring, rt.settings.auth, credential)
+        except tokens.TokenError as exc:
+            if exc.expired:
+                raise errors.TokenExpired from exc
+            raise errors.InvalidToken(str(exc)) from exc
+        rt.verified[credential] = claims
+    elif claims.expires_at + tokens.LEEWAY_S < time.time():
+        raise errors.TokenExpired
     if await rt.is_revoked(claims.session_id, claims.org_id):
         raise errors.InvalidToken("the token was revoked")
     return Principal(

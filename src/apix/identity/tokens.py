@@ -63,6 +63,10 @@ def issue(
     return token, expires
 
 
+# Clock skew tolerated on `exp` (and `iat`/`nbf`) between nodes.
+LEEWAY_S = 5
+
+
 def verify(keyring: KeyRing, settings: AuthSettings, token: str) -> AccessClaims:
     try:
         header = jwt.get_unverified_header(token)
@@ -77,12 +81,12 @@ def verify(keyring: KeyRing, settings: AuthSettings, token: str) -> AccessClaims
     try:
         claims: dict[str, Any] = jwt.decode(
             token,
-            key.private_key.public_key(),
+            key.public_key,
             algorithms=[ALGORITHM],
             audience=settings.audience,
             issuer=settings.issuer,
             options={"require": _REQUIRED},
-            leeway=5,
+            leeway=LEEWAY_S,
         )
     except jwt.ExpiredSignatureError as exc:
         raise TokenError("token expired", expired=True) from exc

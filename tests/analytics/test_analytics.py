@@ -111,12 +111,18 @@ async def test_connections_are_counted(client: httpx.AsyncClient, live: LiveServ
     async with connected(live.ws, admin.access_token), connected(live.ws, admin.access_token):
         pass
 
-    async def both_closed() -> list[dict[str, Any]] | None:
-        rows = (await client.get(f"{ANALYTICS}/connections", headers=admin.headers)).json()["items"]
-        closed = sum(r["closed"] for r in rows)
-        return rows if closed >= 2 else None
+    seen: list[Any] = []
 
-    rows = await until(both_closed)
+    async def both_recorded() -> list[dict[str, Any]] | None:
+        rows = (await client.get(f"{ANALYTICS}/connections", headers=admin.headers)).json()["items"]
+        seen.append(rows)
+        opened, closed = sum(r["opened"] for r in rows), sum(r["closed"] for r in rows)
+        return rows if opened >= 2 and closed >= 2 else None
+
+    try:
+        rows = await until(both_recorded)
+    except AssertionError as exc:
+        raise AssertionError(f"connections never counted; answers seen: {seen[-3:]}") from exc
     assert (sum(r["opened"] for r in rows), sum(r["closed"] for r in rows)) == (2, 2)
 
 

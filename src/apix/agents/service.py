@@ -169,10 +169,6 @@ async def _check_config(uow: UnitOfWork, org_id: uuid.UUID, config: AgentConfig)
     # Tools arrive in a later module: the binding is stored as given until then.
 
 
-def _actor(principal: Any) -> dict[str, Any]:
-    return {"actor_user_id": principal.user_id, "actor_api_key_id": principal.api_key_id}
-
-
 async def create_agent(
     rt: AgentsRuntime, principal: Any, data: AgentCreate, meta: RequestMeta
 ) -> AgentRead:
@@ -202,7 +198,7 @@ async def create_agent(
                 target_type="agent",
                 target_id=row.id,
                 details={"slug": row.slug, "name": row.name},
-                **_actor(principal),
+                by=principal,
             )
     except IntegrityError as exc:
         raise SlugTaken from exc
@@ -258,7 +254,7 @@ async def update_agent(
                 target_type="agent",
                 target_id=row.id,
                 details={"changes": audit.changes(before, _audited(row))},
-                **_actor(principal),
+                by=principal,
             )
     except IntegrityError as exc:
         raise SlugTaken from exc
@@ -280,7 +276,7 @@ async def delete_agent(
             target_type="agent",
             target_id=agent_id,
             details={"slug": row.slug},
-            **_actor(principal),
+            by=principal,
         )
 
 
@@ -317,7 +313,7 @@ async def publish_agent(
             target_type="agent",
             target_id=row.id,
             details={"version": version.version},
-            **_actor(principal),
+            by=principal,
         )
     return _version_read(version)
 
@@ -400,7 +396,7 @@ async def create_session(
             target_type="chat_session",
             target_id=row.id,
             details={"agent_id": str(data.agent_id)},
-            **_actor(principal),
+            by=principal,
         )
     return session_read(row)
 
@@ -476,7 +472,7 @@ async def update_session(
             target_type="chat_session",
             target_id=row.id,
             details={"changes": changes},
-            **_actor(principal),
+            by=principal,
         )
         event = VariablesUpdated(session_id=row.id, variables=variables)
         channel = session_channel(org_id, row.id)
@@ -499,7 +495,7 @@ async def delete_session(
             target_type="chat_session",
             target_id=session_id,
             details={},
-            **_actor(principal),
+            by=principal,
         )
 
 
@@ -601,7 +597,7 @@ async def create_run(
                 target_type="agent_run",
                 target_id=run.id,
                 details={"agent_id": str(agent_id), "version": version},
-                **_actor(principal),
+                by=principal,
             )
     except IntegrityError:
         if data.idempotency_key is None:
@@ -712,7 +708,7 @@ async def cancel_run(
             target_type="agent_run",
             target_id=row.id,
             details={"status": row.status},
-            **_actor(principal),
+            by=principal,
         )
     if cancelled_now:
         await publish(

@@ -97,8 +97,7 @@ async def compliance_report(
             "audit.exported",
             meta=meta,
             org_id=org_id,
-            actor_user_id=principal.user_id,
-            actor_api_key_id=principal.api_key_id,
+            by=principal,
             target_type="compliance_report",
             details={
                 "format": export_format,

@@ -48,6 +48,7 @@ async def record(
     org_id: uuid.UUID | None = None,
     actor_user_id: uuid.UUID | None = None,
     actor_api_key_id: uuid.UUID | None = None,
+    by: Principal | None = None,
     target_type: str | None = None,
     target_id: Any = None,
     outcome: str = "success",
@@ -58,7 +59,10 @@ async def record(
 
     The database links the row (seq, hashes, time) and holds the chain's lock until the
     caller's transaction ends, so concurrent writers to one organisation queue, never fork.
+    ``by``: the principal acting (its user or API key), instead of the two actor ids.
     """
+    if by is not None:
+        actor_user_id, actor_api_key_id = by.user_id, by.api_key_id
     entry = AuditLog(
         org_id=org_id,
         actor_user_id=actor_user_id,
@@ -313,8 +317,7 @@ async def log_event(
             data.action,
             meta=meta,
             org_id=principal.org_id,
-            actor_user_id=principal.user_id,
-            actor_api_key_id=principal.api_key_id,
+            by=principal,
             target_type=data.target_type,
             target_id=data.target_id,
             outcome=data.outcome,
@@ -367,8 +370,7 @@ async def set_retention(
             "audit.retention_changed",
             meta=meta,
             org_id=org_id,
-            actor_user_id=principal.user_id,
-            actor_api_key_id=principal.api_key_id,
+            by=principal,
             target_type="organization",
             target_id=org_id,
             details={"from": previous, "to": days, "default_days": DEFAULT_RETENTION_DAYS},

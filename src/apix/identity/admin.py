@@ -80,8 +80,7 @@ async def update_organization(
             target_type="organization",
             target_id=org_id,
             details={"fields": sorted(changed)},
-            actor_user_id=principal.user_id,
-            actor_api_key_id=principal.api_key_id,
+            by=principal,
         )
     return OrganizationRead.model_validate(org, from_attributes=True)
 
@@ -158,8 +157,7 @@ async def change_member_role(
             target_type="user",
             target_id=user_id,
             details={"from": previous, "to": role.value},
-            actor_user_id=principal.user_id,
-            actor_api_key_id=principal.api_key_id,
+            by=principal,
         )
         result = _member(membership, user)
     # Tokens carry the role: end the member's sessions here so the change applies at once.
@@ -186,8 +184,7 @@ async def remove_member(
             target_type="user",
             target_id=user_id,
             details={"role": membership.role},
-            actor_user_id=principal.user_id,
-            actor_api_key_id=principal.api_key_id,
+            by=principal,
         )
     await rt.revoke_sessions(sessions)
 
@@ -244,8 +241,7 @@ async def create_invitation(
             target_type="invitation",
             target_id=invitation.id,
             details={"email": data.email, "role": role.value},
-            actor_user_id=principal.user_id,
-            actor_api_key_id=principal.api_key_id,
+            by=principal,
         )
     return InvitationCreated(
         id=invitation.id,
@@ -301,8 +297,7 @@ async def _revoke_row(
             org_id=org_id,
             target_type=kind,
             target_id=row_id,
-            actor_user_id=principal.user_id,
-            actor_api_key_id=principal.api_key_id,
+            by=principal,
         )
 
 
@@ -350,8 +345,7 @@ async def create_api_key(
             target_type="api_key",
             target_id=row.id,
             details={"name": data.name, "role": row.role, "permissions": row.permissions},
-            actor_user_id=principal.user_id,
-            actor_api_key_id=principal.api_key_id,
+            by=principal,
         )
     return ApiKeyCreated(
         id=row.id,
@@ -440,8 +434,7 @@ async def revoke_session(
             org_id=principal.org_id,
             target_type="session",
             target_id=session_id,
-            actor_user_id=principal.user_id,
-            actor_api_key_id=principal.api_key_id,
+            by=principal,
         )
     await rt.revoke_sessions([session_id])
 
@@ -479,8 +472,7 @@ async def set_organization_active(
             target_type="organization",
             target_id=org_id,
             details={"platform": True},
-            actor_user_id=principal.user_id,
-            actor_api_key_id=principal.api_key_id,
+            by=principal,
         )
     await rt.set_suspended(org_id, not active)
     return OrganizationRead.model_validate(org, from_attributes=True)

@@ -121,8 +121,7 @@ async def kick_connection(
             "realtime.connection.kicked",
             meta=meta,
             org_id=principal.org_id,
-            actor_user_id=principal.user_id,
-            actor_api_key_id=principal.api_key_id,
+            by=principal,
             target_type="apix_connection",
             target_id=connection_id,
         )

@@ -163,8 +163,7 @@ async def resolve_dead_letter(
             f"dead_letter.{row.status}",
             meta=RequestMeta(),
             org_id=principal.org_id,
-            actor_user_id=principal.user_id,
-            actor_api_key_id=principal.api_key_id,
+            by=principal,
             target_type="dead_letter",
             target_id=row.id,
         )

@@ -141,11 +141,17 @@ async def usage(
 async def overview(
     database: Database, org_id: uuid.UUID, *, since: datetime, until: datetime
 ) -> dict[str, Any]:
-    by_namespace: dict[str, int] = {}
-    for row in await events(
-        database, org_id, since=since, until=until, granularity="day", namespace=None,
+    rows = await events(
+        database,
+        org_id,
+        since=since,
+        until=until,
+        granularity="day",
+        namespace=None,
         event_type=None,
-    ):  # fmt: skip
+    )
+    by_namespace: dict[str, int] = {}
+    for row in rows:
         by_namespace[row["namespace"]] = by_namespace.get(row["namespace"], 0) + row["count"]
     opened = sum(
         r["opened"]

@@ -250,13 +250,19 @@ class Gateway:
         return snapshot, recovered, replay
 
     async def recover_from_archive(
-        self, channel: ChannelRef, snapshot: Snapshot, offset: str, epoch: str | None
+        self,
+        channel: ChannelRef,
+        snapshot: Snapshot,
+        offset: str,
+        epoch: str | None,
+        limit: int | None = None,
     ) -> tuple[Snapshot, bool]:
         """Complete a stream read that no longer reaches back to ``offset`` from the archive.
 
         Returns the snapshot with the archived events put in front, and whether the whole
         gap could be filled (same epoch, archive caught up, within retention and
-        `max_archive_replay`).
+        `max_archive_replay`). With ``limit`` (a page of history), only the first ``limit``
+        archived events are read.
         """
         retention_ms = self.settings.worker.archive_retention_days * 86_400_000
         if (
@@ -266,16 +272,16 @@ class Gateway:
             or offset_key(offset)[0] < time.time() * 1000 - retention_ms
         ):
             return snapshot, False
-        limit = self.config.max_archive_replay
+        most = self.config.max_archive_replay if limit is None else limit
         older = await archive.read(
             self.identity.database,
             channel,
             epoch=snapshot.epoch,
             after=offset,
             upto=snapshot.trimmed,
-            limit=limit + 1,
+            limit=most + 1 if limit is None else most,
         )
-        if len(older) > limit:
+        if len(older) > most:
             return snapshot, False
         return replace(snapshot, events=[*older, *snapshot.events]), True
 

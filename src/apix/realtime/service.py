@@ -48,7 +48,9 @@ async def publish(
     }
 
 
-Recover = Callable[[ChannelRef, Snapshot, str, str | None], Awaitable[tuple[Snapshot, bool]]]
+Recover = Callable[
+    [ChannelRef, Snapshot, str, str | None, int | None], Awaitable[tuple[Snapshot, bool]]
+]
 
 
 async def history(
@@ -67,10 +69,11 @@ async def history(
         snapshot = await broker.read(channel, after=since, limit=limit, reverse=reverse)
         if recover is not None and not snapshot.covers(since, epoch):
             if not reverse:
-                snapshot, _ = await recover(channel, snapshot, since, epoch)
+                snapshot, _ = await recover(channel, snapshot, since, epoch, limit)
                 snapshot = replace(snapshot, events=snapshot.events[:limit])
             elif len(snapshot.events) < limit:
-                older, _ = await recover(channel, replace(snapshot, events=[]), since, epoch)
+                # Newest first: the archived events nearest the stream, so all of them.
+                older, _ = await recover(channel, replace(snapshot, events=[]), since, epoch, None)
                 room = limit - len(snapshot.events)
                 tail = list(reversed(older.events))[:room]
                 snapshot = replace(snapshot, events=[*snapshot.events, *tail])

@@ -191,17 +191,20 @@ class Archiver:
 
     async def write(self, entries: Sequence[tuple[str, str, dict[bytes, bytes] | None]]) -> None:
         rows: dict[uuid.UUID, list[dict[str, Any]]] = defaultdict(list)
-        positions: dict[str, tuple[str, str]] = {}  # meta key → (epoch, newest offset)
+        newest: dict[tuple[str, str], tuple[str, str]] = {}  # (org, channel) → epoch, offset
         for _key, _entry_id, fields in entries:
             row = _row(fields)
             if row is None:
                 self.stats.skipped += 1
                 continue
             rows[row["org_id"]].append(row)
-            positions[f"{channel_prefix(str(row['org_id']), row['channel'])}:m"] = (
+            newest[(str(row["org_id"]), row["channel"])] = (
                 row["epoch"],
                 f"{row['offset_ms']}-{row['offset_seq']}",
             )
+        positions = {
+            f"{channel_prefix(org, channel)}:m": mark for (org, channel), mark in newest.items()
+        }
         if rows:
             async with self.database.engine.begin() as conn:
                 for org_id, org_rows in rows.items():

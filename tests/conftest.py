@@ -29,7 +29,14 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from apix.app import create_app
-from apix.config import DatabaseSettings, Environment, LogSettings, Settings, WorkerSettings
+from apix.config import (
+    DatabaseSettings,
+    Environment,
+    LogSettings,
+    ServerSettings,
+    Settings,
+    WorkerSettings,
+)
 from apix.infra import migrate
 from apix.infra.database import Base, async_url
 from apix.infra.embedded import EmbeddedServers
@@ -110,6 +117,9 @@ def make_settings(servers: Servers, **overrides: object) -> Settings:
         "data_dir": servers.data_dir,
         # No archiver in the background unless a test asks for one (tests/realtime/test_archive).
         "worker": WorkerSettings(embedded=False),
+        # The test process starts many apps: freezing the heap of each would keep its
+        # garbage for good (tests/core/test_gc.py covers the setting).
+        "server": ServerSettings(gc_freeze=False),
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

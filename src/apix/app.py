@@ -25,6 +25,7 @@ from apix.analytics.rollup import ApiUsage
 from apix.audit import router as audit_router
 from apix.config import Settings, get_settings
 from apix.core.errors import ErrorResponse
+from apix.core.gc import settle as settle_gc
 from apix.core.handlers import install_error_handlers
 from apix.core.json import ORJSONResponse
 from apix.core.logging import configure_logging, get_logger
@@ -85,6 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if workers is not None:
                 await workers.start()
             app.state.api_usage.start(database)
+            if settings.server.gc_freeze:
+                settle_gc()
         except Exception:
             # A node must still start (and report not ready) when a server is down or the
             # schema is behind; `/readyz` says why.

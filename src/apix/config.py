@@ -45,6 +45,13 @@ class ServerSettings(BaseModel):
         'from; a JSON list, e.g. `["https://app.example.com"]`; `"*"` allows any (tokens, '
         "not cookies, authenticate). Empty: no cross-origin access at all.",
     )
+    gc_freeze: bool = Field(
+        True,
+        description="Once started, move everything loaded so far out of the garbage "
+        "collector's reach (`gc.freeze()`) and collect young objects less often: full "
+        "collections then scan only what came later (connections, requests), not the "
+        "whole application, which otherwise paused the node for hundreds of milliseconds.",
+    )
 
 
 class DatabaseSettings(BaseModel):

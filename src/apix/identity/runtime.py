@@ -27,6 +27,7 @@ from apix.identity.models import Organization, SessionRevocation
 from apix.identity.passwords import Passwords
 from apix.identity.tokens import AccessClaims
 from apix.infra.database import Database
+from apix.infra.redis import AutoPipeline
 
 _VERIFIED_MAX = 10_000
 _VERIFIED_TTL_S = 60.0
@@ -48,6 +49,11 @@ class IdentityRuntime:
     verified: TTLCache[str, AccessClaims] = field(
         default_factory=lambda: TTLCache(maxsize=_VERIFIED_MAX, ttl=_VERIFIED_TTL_S)
     )
+    # Revocation checks of concurrent requests and connects share round trips.
+    batch: AutoPipeline = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.batch = AutoPipeline(self.redis)
 
     @classmethod
     def create(cls, settings: Settings, database: Database, redis: Redis) -> IdentityRuntime:
@@ -92,7 +98,7 @@ class IdentityRuntime:
             keys.append(_SID_KEY.format(session_id))
         if org_id is not None:
             keys.append(_ORG_KEY.format(org_id))
-        return bool(keys) and bool(await self.redis.exists(*keys))
+        return bool(keys) and bool(await self.batch.call("EXISTS", *keys))
 
     async def resync(self) -> None:
         """Copy suspended organisations and recently revoked sessions into Redis."""

@@ -18,6 +18,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from apix.core.json import dumps
+from apix.infra.redis import AutoPipeline
 from apix.realtime.channels import ChannelRef
 
 # Stream ids compare as (milliseconds, sequence); `older(a, b)` is a < b.
@@ -101,11 +102,10 @@ return {id, epoch, ARGV[8], 0}
 """
 )
 
-# KEYS: meta, stream. ARGV: epoch candidate, ttl_ms. Returns {epoch, trimmed or false,
-# archived or false}: the channel's epoch, a new one if there was none or the stream was
-# lost since the last publish (the same rule the publish script applies, so readers and
-# writers agree on the epoch).
-_EPOCH = """
+# KEYS: meta, stream. ARGV: epoch candidate, ttl_ms. The channel's epoch: a new one if there
+# was none or the stream was lost since the last publish (the same rule the publish script
+# applies, so readers and writers agree on the epoch).
+_EPOCH_OF = """
 local meta, stream = KEYS[1], KEYS[2]
 local epoch = redis.call('HGET', meta, 'epoch')
 local lost = redis.call('EXISTS', stream) == 0 and redis.call('HEXISTS', meta, 'last') == 1
@@ -115,9 +115,42 @@ if (not epoch) or lost then
   redis.call('HSET', meta, 'epoch', epoch)
   redis.call('PEXPIRE', meta, ARGV[2])
 end
+"""
+
+# Returns {epoch, trimmed or false, archived or false}.
+_EPOCH = (
+    _EPOCH_OF
+    + """
 return {epoch, redis.call('HGET', meta, 'trimmed') or false,
         redis.call('HGET', meta, 'archived') or false}
 """
+)
+
+# The channel's position and a range of its events, at one moment (a script is atomic).
+# ARGV beyond the epoch's: range ('' none, 'after', 'after-reverse', 'last'), the offset
+# the range starts after, count (0: no limit). Returns {epoch, trimmed or false, archived
+# or false, newest offset or false, entries}.
+_READ = (
+    _EPOCH_OF
+    + """
+local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+local range, limit = ARGV[3], {}
+if ARGV[5] ~= '0' then
+  limit = {'COUNT', ARGV[5]}
+end
+local entries = {}
+if range == 'after' then
+  entries = redis.call('XRANGE', stream, '(' .. ARGV[4], '+', unpack(limit))
+elseif range == 'after-reverse' then
+  entries = redis.call('XREVRANGE', stream, '+', '(' .. ARGV[4], unpack(limit))
+elseif range == 'last' then
+  entries = redis.call('XREVRANGE', stream, '+', '-', unpack(limit))
+end
+return {epoch, redis.call('HGET', meta, 'trimmed') or false,
+        redis.call('HGET', meta, 'archived') or false, newest[1] and newest[1][1] or false,
+        entries}
+"""
+)
 
 # KEYS: meta. ARGV: epoch, offset. The archiver has written every event of this epoch up to
 # `offset`: raise `archived` (never lower it, never across an epoch change).
@@ -201,6 +234,11 @@ class Snapshot:
         )
 
 
+def _payload(fields: list[bytes]) -> bytes:
+    """The event of a stream entry read by a script: its fields come as a flat list."""
+    return fields[fields.index(b"d") + 1]
+
+
 def event_payload(
     event_id: str, event_type: str, ts: int, data: Any, meta: dict[str, Any]
 ) -> bytes:
@@ -232,12 +270,21 @@ def event_position(frame: str) -> tuple[str, tuple[int, int]] | None:
 
 
 class Broker:
-    def __init__(self, redis: Redis, *, source: str, archive: bool = True) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        source: str,
+        archive: bool = True,
+        batch: AutoPipeline | None = None,
+    ) -> None:
         self.redis = redis
         self.source = source
         self.archive = archive  # queue events for the archiver; trimming waits for it
+        self.batch = batch or AutoPipeline(redis)
         self._publish = redis.register_script(_PUBLISH)
         self._epoch = redis.register_script(_EPOCH)
+        self._read = redis.register_script(_READ)
         self._archived = redis.register_script(_ARCHIVED)
 
     async def publish(
@@ -255,8 +302,28 @@ class Broker:
         `IDEMPOTENCY_TTL_S` returns the first result (``duplicate``) and stores nothing:
         the check and the append are one script, so concurrent retries on any node agree.
         """
-        event_id = new_event_id()
         ts = int(time.time() * 1000)
+        keys, args = self._publish_input(channel, event_type, data, ts, meta, idempotency_key)
+        offset, epoch, stored_id, duplicate = await self.batch.script(self._publish, keys, args)
+        return Published(offset.decode(), epoch.decode(), stored_id.decode(), ts, bool(duplicate))
+
+    def publish_nowait(self, channel: ChannelRef, event_type: str, data: Any) -> None:
+        """Publish without waiting for the outcome (book-keeping events, such as `monitor`'s:
+        a failure is logged, not raised)."""
+        ts = int(time.time() * 1000)
+        keys, args = self._publish_input(channel, event_type, data, ts, None, None)
+        self.batch.send_script(self._publish, keys, args)
+
+    def _publish_input(
+        self,
+        channel: ChannelRef,
+        event_type: str,
+        data: Any,
+        ts: int,
+        meta: dict[str, Any] | None,
+        idempotency_key: str | None,
+    ) -> tuple[list[str], list[Any]]:
+        event_id = new_event_id()
         payload = event_payload(
             event_id,
             event_type,
@@ -265,32 +332,28 @@ class Broker:
             {"source": self.source, "version": "1", **(meta or {})},
         )
         namespace = channel.namespace
-        min_id = f"{ts - namespace.max_age_s * 1000}-0"
-        ttl_ms = namespace.max_age_s * 1000 + _EXTRA_TTL_MS
         idem = channel.idempotency_key(idempotency_key) if idempotency_key else ""
         archive = channel.archive_key if self.archive and channel.archived else ""
-        offset, epoch, stored_id, duplicate = await self._publish(
-            keys=[channel.meta_key, channel.stream_key, idem, archive],
-            args=[
-                new_epoch(),
-                namespace.max_len,
-                min_id,
-                payload,
-                channel.pubsub_channel,
-                ttl_ms,
-                event_type,
-                event_id,
-                IDEMPOTENCY_TTL_S * 1000,
-                channel.tenant,
-                channel.name,
-            ],
-        )
-        return Published(offset.decode(), epoch.decode(), stored_id.decode(), ts, bool(duplicate))
+        keys = [channel.meta_key, channel.stream_key, idem, archive]
+        args = [
+            new_epoch(),
+            namespace.max_len,
+            f"{ts - namespace.max_age_s * 1000}-0",  # older events may be trimmed
+            payload,
+            channel.pubsub_channel,
+            namespace.max_age_s * 1000 + _EXTRA_TTL_MS,
+            event_type,
+            event_id,
+            IDEMPOTENCY_TTL_S * 1000,
+            channel.tenant,
+            channel.name,
+        ]
+        return keys, args
 
     async def epoch(self, channel: ChannelRef) -> str:
         ttl_ms = channel.namespace.max_age_s * 1000 + _EXTRA_TTL_MS
-        epoch, _, _ = await self._epoch(
-            keys=[channel.meta_key, channel.stream_key], args=[new_epoch(), ttl_ms]
+        epoch, _, _ = await self.batch.script(
+            self._epoch, keys=[channel.meta_key, channel.stream_key], args=[new_epoch(), ttl_ms]
         )
         return str(epoch.decode())
 
@@ -313,33 +376,26 @@ class Broker:
     ) -> Snapshot:
         """Events after ``after`` (or the ``last`` N, or none), with the channel's position.
 
-        Metadata and range come from one MULTI, so they describe the same moment.
+        Metadata and range come from one script, so they describe the same moment.
         """
-        async with self.redis.pipeline(transaction=True) as pipe:
-            ttl_ms = channel.namespace.max_age_s * 1000 + _EXTRA_TTL_MS
-            await self._epoch(
-                keys=[channel.meta_key, channel.stream_key],
-                args=[new_epoch(), ttl_ms],
-                client=pipe,
-            )
-            pipe.xrevrange(channel.stream_key, "+", "-", count=1)
-            if after is not None:
-                if reverse:
-                    pipe.xrevrange(channel.stream_key, "+", f"({after}", count=limit)
-                else:
-                    pipe.xrange(channel.stream_key, f"({after}", "+", count=limit)
-            elif last:
-                pipe.xrevrange(channel.stream_key, "+", "-", count=last)
-            meta, newest, *rest = await pipe.execute()
-        epoch_raw, trimmed_raw, archived_raw = meta
-        epoch = epoch_raw.decode()
-        entries = rest[0] if rest else []
-        if (after is None and last) or (after is not None and reverse):
-            entries = entries if reverse else list(reversed(entries))
-        events = [StoredEvent(entry_id.decode(), fields[b"d"]) for entry_id, fields in entries]
+        ttl_ms = channel.namespace.max_age_s * 1000 + _EXTRA_TTL_MS
+        if after is not None:
+            range_, bound, count = ("after-reverse" if reverse else "after"), after, limit
+        elif last:
+            range_, bound, count = "last", "", last
+        else:
+            range_, bound, count = "", "", None
+        epoch, trimmed_raw, archived_raw, newest, entries = await self.batch.script(
+            self._read,
+            keys=[channel.meta_key, channel.stream_key],
+            args=[new_epoch(), ttl_ms, range_, bound, count or 0],
+        )
+        if range_ == "last" and not reverse:
+            entries.reverse()  # oldest first
+        events = [StoredEvent(entry_id.decode(), _payload(fields)) for entry_id, fields in entries]
         return Snapshot(
-            epoch=epoch,
-            last_offset=newest[0][0].decode() if newest else "0-0",
+            epoch=epoch.decode(),
+            last_offset=newest.decode() if newest else "0-0",
             trimmed=trimmed_raw.decode() if trimmed_raw else None,
             events=events,
             archived=archived_raw.decode() if archived_raw else None,

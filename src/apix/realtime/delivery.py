@@ -15,12 +15,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ from apix.core.logging import get_logger
 from apix.core.tasks import Periodic
 from apix.identity.principal import Principal
 from apix.infra.database import Database
+from apix.infra.redis import AutoPipeline
 from apix.realtime.broker import Broker, event_frame, offset_key
 from apix.realtime.channels import ChannelRef, org_uuid
 from apix.realtime.hub import Subscription
@@ -86,12 +88,15 @@ class SavedSession:
 class Sessions:
     """Resumable sessions in Redis."""
 
-    def __init__(self, redis: Redis, config: RealtimeSettings) -> None:
+    def __init__(
+        self, redis: Redis, config: RealtimeSettings, batch: AutoPipeline | None = None
+    ) -> None:
         self.redis = redis
+        self.batch = batch or AutoPipeline(redis)
         self.window_s = config.resume_window_s
 
     async def load(self, token: str) -> SavedSession | None:
-        raw = await self.redis.get(_session_key(token))
+        raw = await self.batch.call("GET", _session_key(token))
         if raw is None:
             return None
         data = loads(raw)
@@ -104,17 +109,20 @@ class Sessions:
 
     async def save_snapshot(self, token: str, snapshot: bytes) -> None:
         """Save a session captured at close (its positions exact), for the resume window."""
-        await self.redis.set(_session_key(token), snapshot, ex=self.window_s)
+        await self.batch.call("SET", _session_key(token), snapshot, "EX", self.window_s)
 
-    async def save(self, connections: Iterable[ClientConnection], *, closing: bool = False) -> None:
+    def save(
+        self, connections: Iterable[ClientConnection], *, closing: bool = False
+    ) -> Awaitable[Any]:
         # While connected a session must outlive a node crash by the resume window.
         ttl = self.window_s + (0 if closing else int(_POSITION_SAVE_S) * 3)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for connection in connections:
-                if connection.principal is None:
-                    continue
-                pipe.set(_session_key(connection.session), snapshot(connection), ex=ttl)
-            await pipe.execute()
+        return asyncio.gather(
+            *(
+                self.batch.call("SET", _session_key(c.session), snapshot(c), "EX", ttl)
+                for c in connections
+                if c.principal is not None
+            )
+        )
 
 
 def snapshot(connection: ClientConnection) -> bytes:

@@ -42,6 +42,7 @@ from apix.identity import service as identity
 from apix.identity.models import Organization
 from apix.identity.principal import Principal
 from apix.identity.runtime import IdentityRuntime
+from apix.infra.redis import AutoPipeline
 from apix.monitoring.probe import DeliveryProbe, Label
 from apix.realtime import archive, service
 from apix.realtime import channels as channel_registry
@@ -106,16 +107,22 @@ class Gateway:
         self.identity = identity_runtime
         self.redis = redis
         self.node = settings.node_id
+        # The node's Redis writes and scripts on the hot paths share round trips.
+        self.batch = batch = AutoPipeline(redis)
         self.broker = Broker(
-            redis, source=f"apix-node:{self.node}", archive=settings.worker.archive
+            redis, source=f"apix-node:{self.node}", archive=settings.worker.archive, batch=batch
         )
         self.hub = Hub(redis)
         self.presence = Presence(redis, ttl_s=self.config.presence_ttl_s, source=self.broker.source)
         self.registry = Registry(
-            redis, identity_runtime.database, node=self.node, flush_s=self.config.registry_flush_s
+            redis,
+            identity_runtime.database,
+            node=self.node,
+            flush_s=self.config.registry_flush_s,
+            batch=batch,
         )
         self.connections: dict[str, ClientConnection] = {}
-        self.sessions = Sessions(redis, self.config)
+        self.sessions = Sessions(redis, self.config, batch)
         self.redelivery = Redelivery(
             redis,
             identity_runtime.database,
@@ -298,6 +305,10 @@ class Gateway:
             "fanout_ms_total": round(hub.fanout_seconds * 1000, 3),
             "send_buffer_bytes_max": max((c.queue.size for c in connections), default=0),
         }
+
+    def monitor_event(self, channel: ChannelRef, event_type: str, data: dict[str, Any]) -> None:
+        """A book-keeping event on an organisation's `monitor` channel, not waited for."""
+        self.broker.publish_nowait(channel, event_type, data)
 
     def allows_origin(self, origin: str | None) -> bool:
         allowed = self.settings.server.allowed_origins
@@ -496,7 +507,7 @@ class ClientConnection:
         if self.record is not None and self.principal is not None:
             with contextlib.suppress(Exception):
                 await gateway.registry.disconnected(self.record, self.close_code or 1000)
-                await self._monitor(
+                self._monitor(
                     "connection.disconnected",
                     {"connection_id": self.id, "code": self.close_code or 1000},
                 )
@@ -672,7 +683,7 @@ class ClientConnection:
             self._go_live(each)
         for sub, snapshot, _, _ in opened:
             await self._opened(sub, snapshot.epoch)
-        await self._monitor(
+        self._monitor(
             "connection.established",
             {
                 "connection_id": self.id,
@@ -814,11 +825,12 @@ class ClientConnection:
         gateway = self.gateway
         assert self.record is not None  # noqa: S101
         self.record.channels = sorted(self.subscriptions)
-        await gateway.registry.update_live(self.record)
-        await gateway.registry.subscribed(sub.channel, self.id, True)
-        await gateway.sessions.save([self])
-        await self._monitor(
-            "subscription.added", {"connection_id": self.id, "channel": sub.channel.name}
+        self._monitor("subscription.added", {"connection_id": self.id, "channel": sub.channel.name})
+        # One round trip for all three, shared with whatever else the node is doing.
+        await asyncio.gather(
+            gateway.registry.update_live(self.record),
+            gateway.registry.subscribed(sub.channel, self.id, True),
+            gateway.sessions.save([self]),
         )
 
     def _ack(self, command: AckCommand) -> None:
@@ -851,7 +863,7 @@ class ClientConnection:
             if self.record is not None and announce:
                 self.record.channels = sorted(self.subscriptions)
                 await gateway.registry.update_live(self.record)
-            await self._monitor(
+            self._monitor(
                 "subscription.removed", {"connection_id": self.id, "channel": sub.channel.name}
             )
 
@@ -997,13 +1009,13 @@ class ClientConnection:
             "info": {"name": self.record.client_name} if self.record.client_name else {},
         }
 
-    async def _monitor(self, event_type: str, data: dict[str, Any]) -> None:
+    def _monitor(self, event_type: str, data: dict[str, Any]) -> None:
+        """Publish on the organisation's `monitor` channel, without waiting for it."""
         principal = self.principal
         if principal is None:
             return
-        with contextlib.suppress(Exception):
-            channel = channel_registry.parse("monitor", principal)
-            await self.gateway.broker.publish(channel, event_type, data)
+        channel = channel_registry.parse("monitor", principal)
+        self.gateway.monitor_event(channel, event_type, data)
 
 
 async def _refuse_upgrade(scope: Scope, send: Send, status: int, code: str, message: str) -> None:

@@ -9,9 +9,11 @@ gets `apix_connection` and `apix_channel` rows, upserted together every
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +28,7 @@ from apix.core.json import dumps, loads
 from apix.core.logging import get_logger
 from apix.core.tasks import Periodic
 from apix.infra.database import Database
+from apix.infra.redis import AutoPipeline
 from apix.realtime.channels import ChannelRef, org_uuid
 from apix.realtime.models import ApixChannel, ApixConnection
 
@@ -135,8 +138,17 @@ class ConnectionRecord:
 
 
 class Registry:
-    def __init__(self, redis: Redis, database: Database, *, node: str, flush_s: float) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        database: Database,
+        *,
+        node: str,
+        flush_s: float,
+        batch: AutoPipeline | None = None,
+    ) -> None:
         self.redis = redis
+        self.batch = batch or AutoPipeline(redis)
         self.database = database
         self.node = node
         self.flush_s = flush_s
@@ -156,36 +168,35 @@ class Registry:
         with contextlib.suppress(Exception):
             await self.redis.delete(_node_key(self.node))
 
-    # --- changes (cheap: memory and one Redis round trip at most) ----------------------
+    # --- changes (cheap: memory and a share of one Redis round trip) --------------------
+    # They return the write's future: a caller can issue several and then await them all.
 
-    async def connected(self, record: ConnectionRecord) -> None:
+    def connected(self, record: ConnectionRecord) -> Awaitable[Any]:
         self._live[record.id] = record
         self._dirty[record.id] = record
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(_conn_key(record.id), self._live_state(record), ex=_CONN_TTL_S)
-            pipe.sadd(_org_key(record.org_id), record.id)
-            await pipe.execute()
+        self.batch.send("SET", _conn_key(record.id), self._live_state(record), "EX", _CONN_TTL_S)
+        return self.batch.call("SADD", _org_key(record.org_id), record.id)
 
-    async def update_live(self, record: ConnectionRecord) -> None:
+    def update_live(self, record: ConnectionRecord) -> Awaitable[Any]:
         """Subscriptions changed: every node's connection list shows it at once."""
         self._dirty[record.id] = record
-        await self.redis.set(_conn_key(record.id), self._live_state(record), ex=_CONN_TTL_S)
+        state = self._live_state(record)
+        return self.batch.call("SET", _conn_key(record.id), state, "EX", _CONN_TTL_S)
 
     @staticmethod
     def _live_state(record: ConnectionRecord) -> bytes:
         return dumps(record.public() | {"org_id": record.org_id})
 
-    async def subscribed(self, channel: ChannelRef, connection_id: str, on: bool) -> None:
+    def subscribed(self, channel: ChannelRef, connection_id: str, on: bool) -> Awaitable[Any]:
         """Count the channel's subscribers (across nodes) and mark its record for update."""
         org = org_uuid(channel)
         if org is None:
-            return
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
         self._channels[(org, channel.name)] = channel.namespace.name
         key = _subscribers_key(org, channel.name)
-        if on:
-            await self.redis.sadd(key, connection_id)
-        else:
-            await self.redis.srem(key, connection_id)
+        return self.batch.call("SADD" if on else "SREM", key, connection_id)
 
     async def disconnected(self, record: ConnectionRecord, code: int) -> None:
         record.status = "DISCONNECTED"
@@ -194,10 +205,8 @@ class Registry:
         self._live.pop(record.id, None)
         self._dirty[record.id] = record
         with contextlib.suppress(Exception):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.delete(_conn_key(record.id))
-                pipe.srem(_org_key(record.org_id), record.id)
-                await pipe.execute()
+            self.batch.send("DEL", _conn_key(record.id))
+            await self.batch.call("SREM", _org_key(record.org_id), record.id)
 
     # --- reading (any node) -------------------------------------------------------------
 

@@ -1,0 +1,84 @@
+"""The auto-pipeline: concurrent commands share round trips, each gets its own outcome."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from apix.config import RedisSettings
+from apix.infra.redis import AutoPipeline, create_redis
+from tests.conftest import Servers
+
+
+@pytest.fixture
+async def redis(servers: Servers) -> AsyncIterator[Redis]:
+    client = create_redis(servers.redis_url, RedisSettings())
+    yield client
+    await client.aclose()
+
+
+class CountingPipelines(AutoPipeline):
+    """Counts the round trips it makes."""
+
+    def __init__(self, redis: Redis) -> None:
+        super().__init__(redis)
+        self.round_trips = 0
+
+    async def _round_trip(self, batch: list) -> None:  # type: ignore[type-arg]
+        self.round_trips += 1
+        await super()._round_trip(batch)
+
+
+async def test_concurrent_commands_share_round_trips(redis: Redis) -> None:
+    batch = CountingPipelines(redis)
+    await redis.delete("t:batch")
+    results = await asyncio.gather(*(batch.call("INCR", "t:batch") for _ in range(200)))
+    # Every command ran once, in order, and they went out together.
+    assert sorted(results) == list(range(1, 201))
+    assert results == list(range(1, 201))
+    assert batch.round_trips == 1
+    assert int(await redis.get("t:batch")) == 200
+
+
+async def test_a_failing_command_fails_alone(redis: Redis) -> None:
+    batch = AutoPipeline(redis)
+    await redis.set("t:string", "x")
+    ok = batch.call("SET", "t:other", "y")
+    wrong = batch.call("INCR", "t:string")  # not an integer
+    after = batch.call("GET", "t:other")
+    assert await ok is True
+    with pytest.raises(ResponseError):
+        await wrong
+    assert await after == b"y"
+
+
+async def test_a_forgotten_script_is_loaded_again(redis: Redis) -> None:
+    batch = AutoPipeline(redis)
+    script = redis.register_script("return tonumber(ARGV[1]) + 1")
+    assert await batch.script(script, [], [41]) == 42
+    await redis.script_flush()  # as after a restart without persistence
+    assert await batch.script(script, [], [1]) == 2
+
+
+async def test_a_script_nobody_waits_for_still_runs_after_a_flush(redis: Redis) -> None:
+    batch = AutoPipeline(redis)
+    script = redis.register_script("return redis.call('SET', KEYS[1], ARGV[1])")
+    await redis.script_flush()
+    batch.send_script(script, ["t:sent"], ["ran"])
+    for _ in range(100):
+        if await redis.get("t:sent") == b"ran":
+            break
+        await asyncio.sleep(0.02)
+    assert await redis.get("t:sent") == b"ran"
+
+
+async def test_commands_after_a_batch_go_in_the_next(redis: Redis) -> None:
+    batch = CountingPipelines(redis)
+    first = await batch.call("PING")
+    second = await batch.call("PING")
+    assert (first, second) == (True, True)
+    assert batch.round_trips == 2

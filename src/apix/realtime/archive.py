@@ -80,6 +80,13 @@ def _lease_key(partition: int) -> str:
     return f"{archive_key(partition)}:lease"
 
 
+_INSERT = (
+    insert(ApixEvent)
+    .on_conflict_do_nothing()
+    .returning(ApixEvent.channel, ApixEvent.type, ApixEvent.created_at)
+)
+
+
 @dataclass
 class ArchiverStats:
     archived: int = 0  # rows written (including rewrites that were no-ops)
@@ -214,12 +221,9 @@ class Archiver:
                     )
                     for start in range(0, len(org_rows), _ROWS_PER_INSERT):
                         chunk = org_rows[start : start + _ROWS_PER_INSERT]
-                        written = await conn.execute(
-                            insert(ApixEvent)
-                            .values(chunk)
-                            .on_conflict_do_nothing()
-                            .returning(ApixEvent.channel, ApixEvent.type, ApixEvent.created_at)
-                        )
+                        # Parameters apart from the statement: it is compiled once and
+                        # cached, not once per batch as a multi-row VALUES would be.
+                        written = await conn.execute(_INSERT, chunk)
                         # Only rows written now count, so a rewrite never counts twice.
                         await count_events(conn, org_id, written.all())
         await self.broker.mark_archived([(m, e, o) for m, (e, o) in positions.items()])

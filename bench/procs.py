@@ -177,6 +177,19 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return total
 
 
+def wait_idle(pids: list[int], *, timeout_s: float, cores: float = 0.05) -> None:
+    """Wait until the process trees use less than ``cores`` over half a second (start-up
+    done), or ``timeout_s`` passed."""
+    deadline = time.monotonic() + timeout_s
+    before = cpu_seconds(pids)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = cpu_seconds(pids)
+        if now - before < cores * 0.5:
+            return
+        before = now
+
+
 def rss_bytes(pids: Iterable[int]) -> int:
     total = 0
     for proc in _tree(pids):

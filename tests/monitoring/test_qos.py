@@ -15,7 +15,7 @@ import websockets
 
 from apix.config import RealtimeSettings, Settings
 from apix.realtime.broker import event_frame, event_payload
-from apix.realtime.connection import SendQueue, run_writer
+from apix.realtime.connection import SendQueue
 from tests.conftest import LiveServer, Servers, make_settings
 from tests.identity.factories import Account, new_org_admin
 from tests.monitoring.conftest import METRICS_TOKEN, monitoring_settings
@@ -45,14 +45,14 @@ async def _drain(frames: list[str]) -> tuple[SendQueue, list[dict[str, Any]]]:
         sent.append(frame)
 
     queue = SendQueue(40_000, lambda _dropped: pytest.fail("overflow"))
-    writer = asyncio.create_task(run_writer(queue, send))
+    queue.start(send)
     for frame in frames:
         queue.push(frame)
         await asyncio.sleep(0)
     gate.set()
-    await asyncio.wait_for(queue.empty.wait(), 5)
+    await asyncio.wait_for(queue.wait_empty(), 5)
+    assert not queue.busy
     queue.close()
-    await writer
     return queue, [json.loads(f) for f in sent]
 
 

@@ -1,16 +1,18 @@
-"""A client connection's send side: a bounded queue drained by one writer task.
+"""A client connection's send side: a bounded queue, drained by a writer task while it holds
+anything.
 
 The hub only appends to the queue (no await, no task per frame); the writer sends frames in
-order. A client that does not read fast enough lets its queue grow past the limit and is
-closed with 4011 (slow consumer) so it never slows anyone else down. Before that, under
-pressure, low-priority frames with a coalescing key give way to newer ones (quality of
-service, docs/monitoring.md); high-priority frames are never coalesced.
+order, and exists only while there is a backlog: most frames go straight to the socket (the
+fast path), so an idle connection carries no task, no coroutine and no event. A client that
+does not read fast enough lets its queue grow past the limit and is closed with 4011 (slow
+consumer) so it never slows anyone else down. Before that, under pressure, low-priority
+frames with a coalescing key give way to newer ones (quality of service,
+docs/monitoring.md); high-priority frames are never coalesced.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
 import re
 from collections import deque
@@ -88,19 +90,18 @@ class SendQueue:
     """Frames waiting for one client, bounded in bytes (approximated by string length)."""
 
     __slots__ = (
+        "_drained",
         "_frames",
         "_in_flight",
         "_keyed",
         "_limit",
         "_on_overflow",
-        "_pending",
         "_pressure",
-        "_sending",
-        "_wakeup",
+        "_send",
+        "_writer",
         "closed",
         "coalesced",
         "direct",
-        "empty",
         "label",
         "probe",
         "size",
@@ -119,16 +120,35 @@ class SendQueue:
         self.probe: DeliveryProbe | None = None
         self.label: Label | None = None
         self._on_overflow = on_overflow
-        self._wakeup = asyncio.Event()
-        self._pending = False
         self.size = 0
         self.closed = False
-        self.empty = asyncio.Event()  # set whenever everything queued has been sent
-        self.empty.set()
-        self._sending = False
+        self._send: SendText | None = None  # set by `start`
+        self._writer: asyncio.Task[None] | None = None  # while frames are queued
+        self._drained: list[asyncio.Future[None]] | None = None  # `wait_empty` callers
         # The fast path: write pre-built frames straight to the socket while nothing is
         # queued or in flight (order is kept: anything queued goes first, by the writer).
         self.direct = direct
+
+    def start(self, send: SendText) -> None:
+        """Frames go out through ``send`` from now on (those queued before, first)."""
+        self._send = send
+        if self._frames:
+            self._wake()
+
+    @property
+    def busy(self) -> bool:
+        """Whether frames are queued or being sent."""
+        return self._writer is not None or bool(self._frames)
+
+    async def wait_empty(self) -> None:
+        """Return once everything queued so far has been sent (or the queue closed)."""
+        if not self.busy or self.closed:
+            return
+        drained = asyncio.get_running_loop().create_future()
+        if self._drained is None:
+            self._drained = []
+        self._drained.append(drained)
+        await drained
 
     def push(self, frame: str, *, wire: bytes | None = None, priority: int = 1) -> None:
         if self.closed:
@@ -137,8 +157,8 @@ class SendQueue:
         if (
             wire is not None
             and direct is not None
+            and self._writer is None
             and not self._frames
-            and not self._sending
             and direct.write_frame(wire)
         ):
             probe = self.probe
@@ -162,10 +182,8 @@ class SendQueue:
             self._keyed.clear()
             self._on_overflow([f for f in dropped if f is not None])
             return
-        self.empty.clear()
-        if not self._pending:
-            self._pending = True
-            self._wakeup.set()
+        if self._writer is None:
+            self._wake()
 
     def _coalesce(self, entry: _Live, frame: str) -> None:
         key, namespace = coalescing_key(frame)
@@ -194,18 +212,17 @@ class SendQueue:
             probe.redelivered(frame, self.label)  # type: ignore[arg-type]
         self._frames.append(frame)
         self.size += len(frame)
-        self.empty.clear()
-        if not self._pending:
-            self._pending = True
-            self._wakeup.set()
+        if self._writer is None:
+            self._wake()
 
-    async def drain_into(self, send: SendText) -> None:
-        """Send frames in order until closed; the writer task runs this."""
+    def _wake(self) -> None:
+        if self._send is not None and not self.closed:
+            self._writer = asyncio.get_running_loop().create_task(self._drain(self._send))
+
+    async def _drain(self, send: SendText) -> None:
+        """Send frames in order until none is left; the writer task runs this."""
         frames = self._frames
-        while not self.closed:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            self._pending = False
+        try:
             while frames and not self.closed:
                 item = frames.popleft()
                 if isinstance(item, str):
@@ -217,25 +234,31 @@ class SendQueue:
                         continue  # coalesced: a newer frame with its key is queued
                     frame, live = item.frame, True
                 self.size -= len(frame)
-                self._sending = True
                 self._in_flight = frame
                 try:
                     await send(frame)
                 finally:
-                    self._sending = False
                     self._in_flight = None
                 if live and self.probe is not None:
                     self.probe.written(frame, self.label)  # type: ignore[arg-type]
-            if not frames:
-                self.empty.set()
+        except (OSError, RuntimeError):  # the socket is gone: nothing more can be sent
+            self.closed = True
+            frames.clear()
+        finally:
+            self._writer = None
+            self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        drained, self._drained = self._drained, None
+        for waiter in drained or ():
+            if not waiter.done():
+                waiter.set_result(None)
 
     def close(self) -> None:
+        """Drop what is queued and stop the writer."""
         self.closed = True
         self._frames.clear()
         self._keyed.clear()
-        self._wakeup.set()
-
-
-async def run_writer(queue: SendQueue, send: SendText) -> None:
-    with contextlib.suppress(asyncio.CancelledError, OSError, RuntimeError):
-        await queue.drain_into(send)
+        if self._writer is not None:
+            self._writer.cancel()
+        self._wake_waiters()

@@ -55,7 +55,7 @@ from apix.realtime.broker import (
     offset_key,
 )
 from apix.realtime.channels import ChannelRef
-from apix.realtime.connection import SendQueue, run_writer
+from apix.realtime.connection import SendQueue
 from apix.realtime.delivery import Redelivery, Sessions, new_session_token, offset_before
 from apix.realtime.delivery import snapshot as session_snapshot
 from apix.realtime.hub import Hub, Subscription, compile_filter
@@ -349,12 +349,11 @@ class ClientConnection:
         raw = scope.get("extensions", {}).get(RAW_EXTENSION)
         self.raw: ApixWebSocketProtocol | None = raw["protocol"] if raw else None
         self.queue = SendQueue(self.config.send_buffer_bytes, self._overflow, self.raw)
-        # Commands: `commands_per_second` sustained, bursts up to `command_burst`.
         self._publishes: dict[str, AsyncLimiter] = {}
-        self._commands = AsyncLimiter(
-            self.config.command_burst, self.config.command_burst / self.config.commands_per_second
-        )
-        self._writer: asyncio.Task[None] | None = None
+        # Commands: a leaky bucket of `command_burst`, draining at `commands_per_second`
+        # (two numbers, not a limiter object per connection).
+        self._bucket = 0.0
+        self._bucket_at = 0.0
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._ping_ts: int | None = None
         self._ping_sent = 0.0
@@ -377,7 +376,7 @@ class ClientConnection:
         if SUBPROTOCOL in offered:
             accept["subprotocol"] = SUBPROTOCOL
         await self._send(accept)
-        self._writer = asyncio.create_task(run_writer(self.queue, self._send_text))
+        self.queue.start(self._send_text)
         loop = asyncio.get_running_loop()
         self._timers["connect"] = loop.call_later(
             self.config.connect_timeout_ms / 1000,
@@ -450,20 +449,16 @@ class ClientConnection:
             self.raw.queue.put_nowait({"type": "websocket.disconnect", "code": code})
         for timer in self._timers.values():
             timer.cancel()
-        if flush and self._writer is not None and not self._writer.done():
+        if flush and self.queue.busy:
             self._closing = asyncio.ensure_future(self._flush_then_close(code, reason))
             return
         self.queue.close()
-        if self._writer is not None:
-            self._writer.cancel()
         self._closing = asyncio.ensure_future(self._send_close(code, reason))
 
     async def _flush_then_close(self, code: int, reason: str) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.queue.empty.wait(), _FLUSH_TIMEOUT_S)
+            await asyncio.wait_for(self.queue.wait_empty(), _FLUSH_TIMEOUT_S)
         self.queue.close()
-        if self._writer is not None:
-            self._writer.cancel()
         await self._send_close(code, reason)
 
     async def _send_close(self, code: int, reason: str) -> None:
@@ -492,8 +487,6 @@ class ClientConnection:
         if self._closing is None:
             # The client closed first, so close() had nothing to do: stop the writer here.
             self.queue.close()
-            if self._writer is not None:
-                self._writer.cancel()
         gateway = self.gateway
         gateway.connections.pop(self.id, None)
         # Exact positions for a resume within the window, captured before the subscriptions
@@ -542,7 +535,7 @@ class ClientConnection:
             self._error(command_id, "unauthorized", "the first command must be connect")
             self.close(UNAUTHORIZED, "unauthorized", flush=True)
             return
-        if self.principal is not None and not await self._admit(command_id):
+        if self.principal is not None and not self._admit(command_id):
             return
         try:
             command = _commands.validate_python(frame)
@@ -563,17 +556,23 @@ class ClientConnection:
         if self._bad_frames >= 3:
             self.close(PROTOCOL_ERROR, "protocol error", flush=True)
 
-    async def _admit(self, command_id: int | str | None) -> bool:
+    def _admit(self, command_id: int | str | None) -> bool:
         """Commands per connection: a leaky bucket of `command_burst`, draining at
         `commands_per_second`. Past it, a command gets `rate_limited`; a client that keeps
         going for a whole burst's worth of refusals is closed with 4029."""
-        if self._commands.has_capacity():
-            await self._commands.acquire()  # returns at once: there is capacity
+        config = self.config
+        now = time.monotonic()
+        drained = (now - self._bucket_at) * config.commands_per_second
+        self._bucket_at = now
+        level = max(0.0, self._bucket - drained)
+        if level + 1 <= config.command_burst:
+            self._bucket = level + 1
             self._limited_in_a_row = 0
             return True
+        self._bucket = level
         self._limited_in_a_row += 1
         self._error(command_id, "rate_limited", "too many commands; slow down")
-        if self._limited_in_a_row >= self.config.command_burst:
+        if self._limited_in_a_row >= config.command_burst:
             self.close(RATE_LIMITED, "rate limited", flush=True)
         return False
 
@@ -990,8 +989,6 @@ class ClientConnection:
         for timer in self._timers.values():
             timer.cancel()
         self.queue.close()
-        if self._writer is not None:
-            self._writer.cancel()
         with contextlib.suppress(Exception):
             await self._send_text(frame)
         await self._send_close(code, reason)

@@ -41,6 +41,7 @@ from apix.monitoring.http import HttpLatencyMiddleware
 from apix.monitoring.runtime import MonitoringRuntime
 from apix.providers import router as providers_router
 from apix.realtime import router as realtime_router
+from apix.realtime.fastpath import PublishFastPath
 from apix.realtime.gateway import Gateway
 from apix.system.router import router as system_router
 from apix.worker import Workers
@@ -120,6 +121,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.embedded = frozenset(filter(None, os.environ.get(EMBEDDED_ENV, "").split(",")))
 
     install_error_handlers(app)
+    # Added first, so innermost (`add_middleware` prepends): CORS, latency and the request
+    # context still wrap HTTP publish.
+    app.add_middleware(PublishFastPath, fastapi=app)
     if settings.server.allowed_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -35,9 +35,9 @@ OnOverflow = Callable[[list[str]], None]
 
 
 class DirectWriter(Protocol):
-    def write_frame(self, frame: bytes) -> bool: ...
+    def cap_write_buffer(self, limit: int) -> None: ...
 
-    def buffered(self) -> int: ...
+    def write_frame(self, frame: bytes) -> int: ...
 
 
 # Quality of service. Past this share of the send buffer a connection is under pressure:
@@ -128,6 +128,8 @@ class SendQueue:
         # The fast path: write pre-built frames straight to the socket while nothing is
         # queued or in flight (order is kept: anything queued goes first, by the writer).
         self.direct = direct
+        if direct is not None:
+            direct.cap_write_buffer(limit_bytes)
 
     def start(self, send: SendText) -> None:
         """Frames go out through ``send`` from now on (those queued before, first)."""
@@ -159,12 +161,12 @@ class SendQueue:
             and direct is not None
             and self._writer is None
             and not self._frames
-            and direct.write_frame(wire)
+            and (buffered := direct.write_frame(wire)) >= 0
         ):
             probe = self.probe
             if probe is not None:
                 probe.written(frame, self.label)  # type: ignore[arg-type]
-            if direct.buffered() > self._limit:
+            if buffered > self._limit:
                 self.closed = True
                 self._on_overflow([])
             return

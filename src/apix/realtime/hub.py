@@ -40,7 +40,7 @@ class Outbox(Protocol):
     def push(self, frame: str, *, wire: bytes | None = None, priority: int = 1) -> None: ...
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Subscription:
     connection_id: str
     channel: ChannelRef
@@ -262,9 +262,11 @@ class Hub:
                 if okey <= sub.last_key and epoch_s == sub.epoch:
                     # Already sent by the replay (its announcement arrived late).
                     continue
-                sub.advance(offset_s, okey)
+                sub.last_offset = offset_s  # `advance`, inlined: this runs per delivery
+                sub.last_key = okey
                 sub.epoch = epoch_s
-            if sub.wants(type_s):
+            types = sub.types
+            if types is None or types.match(type_s) is not None:
                 if sub.encode is None:
                     if wire is None:
                         wire = text_frame(frame.encode())

@@ -42,20 +42,29 @@ class ApixWebSocketProtocol(WebSocketsSansIOProtocol):
         if scope is not None:
             scope["extensions"][RAW_EXTENSION] = {"protocol": self}
 
-    def write_frame(self, frame: bytes) -> bool:
-        """Write a pre-built frame now, if the socket is open and not applying backpressure."""
+    def cap_write_buffer(self, limit: int) -> None:
+        """Pause writing (flow control) at ``limit`` buffered bytes at the latest, so that
+        `write_frame` sees every time the buffer may have grown past it."""
+        _, high = self.transport.get_write_buffer_limits()
+        if limit < high:
+            self.transport.set_write_buffer_limits(high=limit)
+
+    def write_frame(self, frame: bytes) -> int:
+        """Write a pre-built frame now, if the socket is open and not applying backpressure.
+
+        Returns -1 when it was not written; otherwise 0, or the bytes the transport holds
+        when this write made it pause (the only time they can have grown past a limit).
+        """
+        writable = self.writable
         if (
             self.close_sent
             or not self.handshake_complete
-            or not self.writable.is_set()
+            or not writable.is_set()
             or self.transport.is_closing()
         ):
-            return False
+            return -1
         self.transport.write(frame)
-        return True
-
-    def buffered(self) -> int:
-        return int(self.transport.get_write_buffer_size())
+        return 0 if writable.is_set() else int(self.transport.get_write_buffer_size())
 
     def shutdown(self) -> None:
         if self.close_sent or not self.handshake_complete:

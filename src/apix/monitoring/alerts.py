@@ -116,9 +116,11 @@ class Evaluator:
         self.settings = settings
         self.publish = publish
         self._cache: dict[str, tuple[float, dict[str, Threshold]]] = {}
+        self._changes: dict[str, int] = {}  # per organisation: thresholds changed this often
 
     def forget_thresholds(self, org: str) -> None:
         self._cache.pop(org, None)
+        self._changes[org] = self._changes.get(org, 0) + 1
 
     async def _thresholds(self, org: str) -> dict[str, Threshold]:
         cached = self._cache.get(org)
@@ -126,8 +128,12 @@ class Evaluator:
         if cached is not None and now - cached[0] < _THRESHOLDS_TTL_S:
             return cached[1]
         org_id = None if org == PLATFORM_ORG else uuid.UUID(org)
+        changes = self._changes.get(org, 0)
         found = await thresholds(self.database, self.settings, org_id)
-        self._cache[org] = (now, found)
+        if self._changes.get(org, 0) == changes:
+            # Not when they changed while being read: that read may predate the change,
+            # and caching it would bring the old thresholds back for a while.
+            self._cache[org] = (now, found)
         return found
 
     async def evaluate(self, values: dict[str, dict[str, float | None]]) -> None:

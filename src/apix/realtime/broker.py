@@ -66,9 +66,14 @@ if len >= max_len then
   local victims = redis.call('XRANGE', stream, '-', '+', 'COUNT', len - max_len + 1)
   cut = victims[#victims][1]
 end
-local old = redis.call('XREVRANGE', stream, '(' .. ARGV[3], '-', 'COUNT', 1)
-if #old > 0 and (cut == nil or older(cut, old[1][1])) then
-  cut = old[1][1]
+-- Only when the oldest event is past the age limit: a reverse range that matches nothing
+-- makes Redis walk the whole stream backwards (260 µs a publish at 8,000 events).
+local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+if #first > 0 and older(first[1][1], ARGV[3]) then
+  local old = redis.call('XREVRANGE', stream, '(' .. ARGV[3], '-', 'COUNT', 1)
+  if #old > 0 and (cut == nil or older(cut, old[1][1])) then
+    cut = old[1][1]
+  end
 end
 if cut and archive ~= '' then
   local archived = redis.call('HGET', meta, 'archived')

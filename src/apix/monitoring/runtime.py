@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import time
 import uuid
 from collections import defaultdict
@@ -66,6 +67,9 @@ class MonitoringRuntime:
         self.node = settings.node_id
         # `apix serve --workers N` runs N processes under one node id: each writes its own.
         self.process = f"{self.node}:{os.getpid()}"
+        # Who holds the lease: this runtime, not just this process (a process that starts a
+        # second app, as tests do, must not have two leaders with their own caches).
+        self.owner = f"{self.process}:{secrets.token_hex(4)}"
         self.database = database
         self.redis = redis
         self.gateway = gateway
@@ -109,7 +113,7 @@ class MonitoringRuntime:
             await self.push()
         if self.leader:
             with contextlib.suppress(Exception):
-                await self._release(keys=[LEASE_KEY], args=[self.process])
+                await self._release(keys=[LEASE_KEY], args=[self.owner])
         self.gateway.probe = None
 
     # --- recording ---------------------------------------------------------------------
@@ -191,7 +195,7 @@ class MonitoringRuntime:
 
     async def lead(self) -> None:
         ttl_ms = int(max(3 * self.config.alert_interval_s, 5.0) * 1000)
-        self.leader = bool(await self._hold(keys=[LEASE_KEY], args=[self.process, ttl_ms]))
+        self.leader = bool(await self._hold(keys=[LEASE_KEY], args=[self.owner, ttl_ms]))
         if self.leader and self.config.count_events and self._counter is None:
             listening = asyncio.get_running_loop().create_future()
             self._counter = asyncio.create_task(

@@ -23,6 +23,7 @@ import orjson
 
 from apix.core.logging import get_logger
 from apix.realtime.channels import NAMESPACES, Priority
+from apix.realtime.transport import text_frame
 
 if TYPE_CHECKING:
     from apix.monitoring.probe import DeliveryProbe, Label
@@ -212,6 +213,15 @@ class SendQueue:
             and not frame.endswith(',"attempt":1}')
         ):
             probe.redelivered(frame, self.label)  # type: ignore[arg-type]
+        direct = self.direct
+        if (
+            direct is not None
+            and self._send is not None
+            and self._writer is None
+            and not self._frames
+            and direct.write_frame(text_frame(frame.encode())) >= 0
+        ):
+            return  # sent at once: no writer task for a reply or a ping
         self._frames.append(frame)
         self.size += len(frame)
         if self._writer is None:

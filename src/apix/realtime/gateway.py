@@ -96,6 +96,7 @@ SHUTTING_DOWN = 4500
 TOO_LARGE = 1009
 
 _SESSION_SAVE_S = 5.0
+_RTT_SHOW_S = 60.0
 _FLUSH_TIMEOUT_S = 1.0
 _CLOSE_TIMEOUT_S = 5.0
 
@@ -357,6 +358,7 @@ class ClientConnection:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._ping_ts: int | None = None
         self._ping_sent = 0.0
+        self._rtt_shown_at = -_RTT_SHOW_S  # when the live state last showed the latency
         self._bad_frames = 0
         self._closed = asyncio.Event()
         self.finished = asyncio.Event()
@@ -959,8 +961,17 @@ class ClientConnection:
                 self.queue.probe.rtt(self.queue.label, rtt)
             self.record.rtt_ms = round(rtt * 1000, 3)
             self.record.last_heartbeat_at = datetime.now(UTC)
-            # The connection list reads the live state: show the measured latency there.
-            self._background = asyncio.ensure_future(self.gateway.registry.update_live(self.record))
+            # The connection list reads the live state: show the measured latency there, at
+            # once the first time, then once a minute (at 50k connections a write per pong
+            # was 2,000 Redis writes a second).
+            now = time.monotonic()
+            if now - self._rtt_shown_at >= _RTT_SHOW_S:
+                self._rtt_shown_at = now
+                self._background = asyncio.ensure_future(
+                    self.gateway.registry.update_live(self.record)
+                )
+            else:
+                self.gateway.registry.heartbeat(self.record)
         self._schedule_ping()
 
     def _schedule_expiry(self) -> None:

@@ -183,6 +183,10 @@ class Registry:
         state = self._live_state(record)
         return self.batch.call("SET", _conn_key(record.id), state, "EX", _CONN_TTL_S)
 
+    def heartbeat(self, record: ConnectionRecord) -> None:
+        """A pong: the database learns of it at the next flush."""
+        self._dirty[record.id] = record
+
     @staticmethod
     def _live_state(record: ConnectionRecord) -> bytes:
         return dumps(record.public() | {"org_id": record.org_id})

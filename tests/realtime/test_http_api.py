@@ -292,3 +292,17 @@ async def test_system_notices_come_from_super_admin_only_and_reach_every_tenant(
     for who in (alpha, beta):
         history = (await client.get(events_url("system"), headers=who.headers)).json()
         assert [e["id"] for e in history["events"]] == [result["id"]]
+
+
+async def test_data_that_cannot_be_stored_as_json_is_400_and_nothing_is_published(
+    client: httpx.AsyncClient,
+) -> None:
+    admin = await new_org_admin(client)
+    # Valid JSON text, but a lone surrogate is no Unicode character: it cannot be stored.
+    body = b'{"type": "a.b", "data": {"text": "\\ud800"}}'
+    headers = {**admin.headers, "Content-Type": "application/json"}
+    response = await client.post(events_url("room:x"), headers=headers, content=body)
+    assert_error(response, 400, {"bad_request"})
+    history = await client.get(events_url("room:x"), headers=admin.headers)
+    assert history.status_code == 200, history.text
+    assert history.json()["events"] == []

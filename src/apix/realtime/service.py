@@ -8,12 +8,13 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import literal, select, tuple_
 
 from apix.audit import service as audit
 from apix.audit.service import RequestMeta
 from apix.core.cursor import decode_cursor, encode_cursor
-from apix.core.errors import Conflict, NotFound
+from apix.core.errors import BadRequest, Conflict, NotFound
 from apix.core.json import loads
 from apix.identity.principal import Principal
 from apix.infra.database import Database
@@ -33,13 +34,16 @@ async def publish(
     idempotency_key: str | None = None,
 ) -> dict[str, Any]:
     actor = str(principal.user_id or principal.api_key_id)
-    published = await broker.publish(
-        channel,
-        event_type,
-        data,
-        meta={"actor": actor, "actor_kind": principal.kind.value},
-        idempotency_key=idempotency_key,
-    )
+    try:
+        published = await broker.publish(
+            channel,
+            event_type,
+            data,
+            meta={"actor": actor, "actor_kind": principal.kind.value},
+            idempotency_key=idempotency_key,
+        )
+    except orjson.JSONEncodeError as exc:  # e.g. a lone surrogate (`"\ud800"`) in a string
+        raise BadRequest(f"data cannot be stored as JSON: {exc}") from exc
     return {
         "offset": published.offset,
         "epoch": published.epoch,

@@ -8,6 +8,7 @@ trimmed offset, so a reader can tell whether a position is still fully covered.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 import uuid
@@ -364,11 +365,22 @@ class Broker:
 
     async def mark_archived(self, positions: Sequence[tuple[str, str, str]]) -> None:
         """Record, per (meta key, epoch, offset), that the archive holds the channel up to
-        ``offset``: from then on the publish script may trim that far."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for meta_key, epoch, offset in positions:
-                await self._archived(keys=[meta_key], args=[epoch, offset], client=pipe)
-            await pipe.execute()
+        ``offset``: from then on the publish script may trim that far.
+
+        The marks share the node's round trips by SHA: a pipeline with a `Script` would ask
+        ``SCRIPT EXISTS`` first, one more round trip per archive batch. Every mark is sent
+        even if one fails; the first failure is raised then.
+        """
+        results = await asyncio.gather(
+            *(
+                self.batch.script(self._archived, keys=[meta_key], args=[epoch, offset])
+                for meta_key, epoch, offset in positions
+            ),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def read(
         self,

@@ -204,13 +204,16 @@ class LiveServer:
 
 
 @asynccontextmanager
-async def serve_app(app: Any, settings: Settings) -> AsyncIterator[LiveServer]:
+async def serve_app(
+    app: Any, settings: Settings, *, ws: str = WS_PROTOCOL
+) -> AsyncIterator[LiveServer]:
+    """``app`` on uvicorn, on APIX's WebSocket protocol (or another ``ws`` of uvicorn's)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(
         app,
         lifespan="off",
-        ws=WS_PROTOCOL,
+        ws=ws,
         ws_max_size=settings.realtime.max_frame_bytes,
         ws_ping_interval=None,
         log_config=None,

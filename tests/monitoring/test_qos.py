@@ -132,7 +132,7 @@ async def test_a_slow_reader_gets_the_newest_cursor_and_every_high_priority_even
         await raw.subscribe("user:me")
         await raw.subscribe("agents:fill")
         connection = live.app.state.gateway.connections[hello["connection_id"]]
-        server_socket = connection.raw.transport.get_extra_info("socket")
+        server_socket = connection.socket.transport.get_extra_info("socket")
         server_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         pressure = settings.realtime.send_buffer_bytes // 4
         # The client stops reading; fill its pipe until frames wait in the server's queue.

@@ -35,10 +35,26 @@ SendText = Callable[[str], Awaitable[None]]
 OnOverflow = Callable[[list[str]], None]
 
 
-class DirectWriter(Protocol):
+class Socket(Protocol):
+    """A client's WebSocket, as the gateway uses it (`apix.realtime.transport`)."""
+
     def cap_write_buffer(self, limit: int) -> None: ...
 
-    def write_frame(self, frame: bytes) -> int: ...
+    def write_frame(self, frame: bytes) -> int:
+        """Write a built frame at once if nothing holds it back; -1 if not written,
+        else the bytes still buffered when the write made the socket pause (or 0)."""
+
+    async def send_text(self, text: str) -> None:
+        """Send a message, waiting for the client to read (OSError once closed)."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Send the close frame; the socket goes once the client answers or in a while."""
+
+    def abort(self) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
 
 
 # Quality of service. Past this share of the send buffer a connection is under pressure:
@@ -109,9 +125,10 @@ class SendQueue:
     )
 
     def __init__(
-        self, limit_bytes: int, on_overflow: OnOverflow, direct: DirectWriter | None = None
+        self, limit_bytes: int, on_overflow: OnOverflow, direct: Socket | None = None
     ) -> None:
-        self._frames: deque[str | _Live] = deque()
+        # Created when a frame must wait (an empty deque is 600 bytes, most never need one).
+        self._frames: deque[str | _Live] | None = None
         self._keyed: dict[tuple[str, ...], _Live] = {}
         self._in_flight: str | None = None
         self._limit = limit_bytes
@@ -174,6 +191,8 @@ class SendQueue:
         entry = _Live(frame)
         if self.size >= self._pressure:
             self._coalesce(entry, frame)
+        if self._frames is None:
+            self._frames = deque()
         self._frames.append(entry)
         self.size += len(frame)
         if self.size > self._limit:
@@ -181,7 +200,7 @@ class SendQueue:
             # The frame being sent is waiting for the socket: it never left either.
             dropped: list[str | None] = [self._in_flight]
             dropped += [f if isinstance(f, str) else f.frame for f in self._frames]
-            self._frames.clear()
+            self._frames = None
             self._keyed.clear()
             self._on_overflow([f for f in dropped if f is not None])
             return
@@ -222,6 +241,8 @@ class SendQueue:
             and direct.write_frame(text_frame(frame.encode())) >= 0
         ):
             return  # sent at once: no writer task for a reply or a ping
+        if self._frames is None:
+            self._frames = deque()
         self._frames.append(frame)
         self.size += len(frame)
         if self._writer is None:
@@ -233,7 +254,7 @@ class SendQueue:
 
     async def _drain(self, send: SendText) -> None:
         """Send frames in order until none is left; the writer task runs this."""
-        frames = self._frames
+        frames = self._frames or deque()
         try:
             while frames and not self.closed:
                 item = frames.popleft()
@@ -258,6 +279,8 @@ class SendQueue:
             frames.clear()
         finally:
             self._writer = None
+            if self._frames is frames and not frames:
+                self._frames = None
             self._wake_waiters()
 
     def _wake_waiters(self) -> None:
@@ -269,7 +292,7 @@ class SendQueue:
     def close(self) -> None:
         """Drop what is queued and stop the writer."""
         self.closed = True
-        self._frames.clear()
+        self._frames = None
         self._keyed.clear()
         if self._writer is not None:
             self._writer.cancel()

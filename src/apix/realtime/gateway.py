@@ -1,9 +1,10 @@
 """The APIX gateway: PROTOCOL.md over WebSocket, one `ClientConnection` per socket.
 
 `Gateway` is per node (created in the lifespan): broker, hub, presence and registry, and the
-connections this node holds. The WebSocket endpoint is a plain ASGI app, so frames go to
-the server with no framework wrapper in between; each connection has one reader loop (the
-endpoint), one writer task (its send queue) and timers for heartbeat and token expiry.
+connections this node holds. Sockets come from the node's own WebSocket protocol
+(`apix.realtime.transport`), which calls a connection back as messages arrive; an idle
+connection is data and two timers (heartbeat, token expiry), with no task of its own. A task
+exists only while commands are running or frames wait for a slow client.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import contextlib
 import secrets
 import time
 import uuid
+from collections import deque
+from collections.abc import Coroutine
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -21,7 +24,7 @@ import orjson
 from aiolimiter import AsyncLimiter
 from pydantic import TypeAdapter, ValidationError
 from redis.asyncio import Redis
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from apix.config import Settings
 from apix.core.errors import (
@@ -55,7 +58,7 @@ from apix.realtime.broker import (
     offset_key,
 )
 from apix.realtime.channels import ChannelRef
-from apix.realtime.connection import SendQueue
+from apix.realtime.connection import SendQueue, Socket
 from apix.realtime.delivery import Redelivery, Sessions, new_session_token, offset_before
 from apix.realtime.delivery import snapshot as session_snapshot
 from apix.realtime.hub import Hub, Subscription, compile_filter
@@ -76,11 +79,10 @@ from apix.realtime.schemas import (
     SubscribeCommand,
     UnsubscribeCommand,
 )
-from apix.realtime.transport import RAW_EXTENSION, ApixWebSocketProtocol
+from apix.realtime.transport import SUBPROTOCOL, AsgiSocket
 
 log = get_logger(__name__)
 
-SUBPROTOCOL = "apix.v1"
 _commands = TypeAdapter(Command)
 
 # Close codes (PROTOCOL.md section 9).
@@ -99,6 +101,8 @@ _SESSION_SAVE_S = 5.0
 _RTT_SHOW_S = 60.0
 _FLUSH_TIMEOUT_S = 1.0
 _CLOSE_TIMEOUT_S = 5.0
+# Commands waiting while one runs: past this many, the client's socket is not read.
+_INBOX_PAUSE = 32
 
 
 class Gateway:
@@ -123,6 +127,8 @@ class Gateway:
             batch=batch,
         )
         self.connections: dict[str, ClientConnection] = {}
+        # Connections cleaning up after a close (shutdown waits for them).
+        self.finishing: set[asyncio.Future[None]] = set()
         self.sessions = Sessions(redis, self.config, batch)
         self.redelivery = Redelivery(
             redis,
@@ -167,10 +173,8 @@ class Gateway:
         connections = list(self.connections.values())
         for connection in connections:
             connection.close(code, "node shutting down")
-        if connections:
-            await asyncio.wait(
-                [asyncio.ensure_future(c.finished.wait()) for c in connections], timeout=5
-            )
+        if self.finishing:  # and those that were closing already
+            await asyncio.wait(set(self.finishing), timeout=5)
 
     def _backend_interrupted(self) -> None:
         """Redis dropped our pub/sub connection: live events may have been missed.
@@ -315,30 +319,44 @@ class Gateway:
         allowed = self.settings.server.allowed_origins
         return origin is None or "*" in allowed or origin in allowed
 
+    def open(self, socket: Socket, origin: str | None) -> ClientConnection:
+        """A client connection on a socket just upgraded (`connect` is due in time)."""
+        return ClientConnection(self, socket, origin)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The ASGI WebSocket endpoint."""
+        """The ASGI WebSocket endpoint, for servers other than `apix serve` (which runs the
+        gateway on `apix.realtime.transport.ApixWebSocketProtocol` instead)."""
         headers = dict(scope.get("headers", []))
         origin = headers.get(b"origin", b"").decode() or None
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
         if self.closing or not self.allows_origin(origin):
-            await receive()  # websocket.connect
             if self.closing:
                 await _refuse_upgrade(scope, send, 503, "unavailable", "node shutting down")
             else:
                 await _refuse_upgrade(scope, send, 403, "forbidden", "origin not allowed")
             return
-        connection = ClientConnection(self, scope, receive, send, origin)
-        await connection.run()
+        accept: dict[str, Any] = {"type": "websocket.accept"}
+        if SUBPROTOCOL in (scope.get("subprotocols") or []):
+            accept["subprotocol"] = SUBPROTOCOL
+        await send(accept)
+        socket = AsgiSocket(send)
+        await socket.serve(receive, self.open(socket, origin))
 
 
 class ClientConnection:
-    def __init__(
-        self, gateway: Gateway, scope: Scope, receive: Receive, send: Send, origin: str | None
-    ) -> None:
+    """One client's WebSocket, driven by its socket's callbacks (`received`, `lost`).
+
+    Commands run one at a time, in order. Those that need no I/O (ping, pong, ack) run at
+    once; the others in a task that lives only while commands are waiting, so an idle
+    connection holds no task at all.
+    """
+
+    def __init__(self, gateway: Gateway, socket: Socket, origin: str | None) -> None:
         self.gateway = gateway
         self.config = gateway.config
-        self.scope = scope
-        self._receive = receive
-        self._send = send
+        self.socket = socket
         self.origin = origin
         self.id = f"conn_{secrets.token_hex(12)}"
         self.session = new_session_token()
@@ -347,94 +365,58 @@ class ClientConnection:
         self.principal: Principal | None = None
         self.record: ConnectionRecord | None = None
         self.subscriptions: dict[str, Subscription] = {}
-        raw = scope.get("extensions", {}).get(RAW_EXTENSION)
-        self.raw: ApixWebSocketProtocol | None = raw["protocol"] if raw else None
-        self.queue = SendQueue(self.config.send_buffer_bytes, self._overflow, self.raw)
+        self.queue = SendQueue(self.config.send_buffer_bytes, self._overflow, socket)
+        self.queue.start(socket.send_text)
         self._publishes: dict[str, AsyncLimiter] = {}
         # Commands: a leaky bucket of `command_burst`, draining at `commands_per_second`
         # (two numbers, not a limiter object per connection).
         self._bucket = 0.0
         self._bucket_at = 0.0
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        # Commands that arrived while one was running, and the task running them.
+        self._inbox: deque[str | None] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._reading_paused = False
         self._ping_ts: int | None = None
         self._ping_sent = 0.0
         self._rtt_shown_at = -_RTT_SHOW_S  # when the live state last showed the latency
         self._bad_frames = 0
-        self._closed = asyncio.Event()
-        self.finished = asyncio.Event()
-        self._closing: asyncio.Future[None] | None = None
-        self._background: asyncio.Future[None] | None = None
-        self.close_code: int | None = None
         self._limited_in_a_row = 0
+        self.close_code: int | None = None
+        # Set once the connection is closing: cleans up, then waits for the close frame.
+        self.finishing: asyncio.Future[None] | None = None
+        loop = asyncio.get_running_loop()
+        self._timers: dict[str, asyncio.TimerHandle] = {
+            "connect": loop.call_later(
+                self.config.connect_timeout_ms / 1000,
+                self.close,
+                CONNECT_TIMEOUT,
+                "no connect in time",
+            )
+        }
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    async def run(self) -> None:
-        message = await self._receive()
-        if message["type"] != "websocket.connect":
+    def received(self, text: str | None) -> None:
+        """A message from the client (``None``: a binary one)."""
+        if self.finishing is not None:
             return
-        offered = self.scope.get("subprotocols") or []
-        accept: dict[str, Any] = {"type": "websocket.accept"}
-        if SUBPROTOCOL in offered:
-            accept["subprotocol"] = SUBPROTOCOL
-        await self._send(accept)
-        self.queue.start(self._send_text)
-        loop = asyncio.get_running_loop()
-        self._timers["connect"] = loop.call_later(
-            self.config.connect_timeout_ms / 1000,
-            self.close,
-            CONNECT_TIMEOUT,
-            "no connect in time",
-        )
-        try:
-            await self._read_loop()
-        finally:
-            await self._cleanup()
-            if self._closing is not None:
-                # Returning before the close frame is out would let the server drop the
-                # socket without it (the client would see 1006, not the close code). A
-                # client that never reads again cannot hold the socket open, though.
-                try:
-                    await asyncio.wait_for(asyncio.shield(self._closing), _CLOSE_TIMEOUT_S)
-                except TimeoutError:
-                    if self.raw is not None:
-                        self.raw.transport.abort()
-                except Exception:  # noqa: S110 - the socket is gone either way
-                    pass
-            self.finished.set()
+        if self._worker is not None:
+            if self._inbox is None:
+                self._inbox = deque()
+            self._inbox.append(text)
+            if len(self._inbox) >= _INBOX_PAUSE and not self._reading_paused:
+                self._reading_paused = True
+                self.socket.pause_reading()
+            return
+        command = self._parse(text)
+        if command is not None and not self._instant(command):
+            self._worker = asyncio.get_running_loop().create_task(self._work(command))
 
-    async def _read_loop(self) -> None:
-        receive = self._receive
-        closed = self._closed
-        if self.raw is not None:
-            # On our own transport, close() wakes this receive() by queueing a disconnect,
-            # so each frame costs one await, not a race of two futures.
-            while not closed.is_set():
-                message = await receive()
-                if message["type"] == "websocket.disconnect":
-                    self.close_code = self.close_code or message.get("code", 1000)
-                    self.queue.close()
-                    closed.set()
-                    return
-                if not closed.is_set():
-                    await self._handle(message)
-            return
-        while not closed.is_set():
-            receiving = asyncio.ensure_future(receive())
-            closing = asyncio.ensure_future(closed.wait())
-            done, _ = await asyncio.wait({receiving, closing}, return_when=asyncio.FIRST_COMPLETED)
-            if receiving not in done:
-                receiving.cancel()
-                return
-            closing.cancel()
-            message = receiving.result()
-            if message["type"] == "websocket.disconnect":
-                self.close_code = self.close_code or message.get("code", 1000)
-                # Nothing more reaches the client: stop advancing its positions now.
-                self.queue.close()
-                closed.set()
-                return
-            await self._handle(message)
+    def lost(self, code: int) -> None:
+        """The socket closed (the client's close ``code``, or 1006 when it dropped)."""
+        if self.finishing is None:
+            self.queue.close()
+            self._finish_with(code, None)
 
     def close(self, code: int, reason: str = "", *, flush: bool = False) -> None:
         """Close with ``code`` (idempotent).
@@ -443,32 +425,45 @@ class ClientConnection:
         are sent first, for a moment at most; otherwise they are dropped (slow consumers,
         kicks, shutdown).
         """
-        if self._closed.is_set():
+        if self.finishing is not None:
             return
-        self.close_code = code
-        self._closed.set()
-        if self.raw is not None:
-            self.raw.queue.put_nowait({"type": "websocket.disconnect", "code": code})
-        for timer in self._timers.values():
-            timer.cancel()
         if flush and self.queue.busy:
-            self._closing = asyncio.ensure_future(self._flush_then_close(code, reason))
+            self._finish_with(code, self._flush_then_close(code, reason))
             return
         self.queue.close()
-        self._closing = asyncio.ensure_future(self._send_close(code, reason))
+        self.socket.close(code, reason)
+        self._finish_with(code, None)
+
+    def _finish_with(self, code: int, closing: Coroutine[Any, Any, None] | None) -> None:
+        self.close_code = code
+        for timer in self._timers.values():
+            timer.cancel()
+        sending = asyncio.ensure_future(closing) if closing is not None else None
+        self.finishing = finishing = asyncio.ensure_future(self._finish(sending))
+        self.gateway.finishing.add(finishing)
+        finishing.add_done_callback(self.gateway.finishing.discard)
+
+    async def _finish(self, closing: asyncio.Future[None] | None) -> None:
+        """Clean up once the command under way (if any) is done; then see the close out."""
+        worker = self._worker
+        if worker is not None and worker is not asyncio.current_task():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(worker)
+        await self._cleanup()
+        if closing is not None:
+            try:
+                # A client that never reads cannot hold the socket open.
+                await asyncio.wait_for(closing, _CLOSE_TIMEOUT_S)
+            except TimeoutError:
+                self.socket.abort()
+            except Exception:  # noqa: S110 - the socket is gone either way
+                pass
 
     async def _flush_then_close(self, code: int, reason: str) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.queue.wait_empty(), _FLUSH_TIMEOUT_S)
         self.queue.close()
-        await self._send_close(code, reason)
-
-    async def _send_close(self, code: int, reason: str) -> None:
-        with contextlib.suppress(Exception):
-            await self._send({"type": "websocket.close", "code": code, "reason": reason[:120]})
-
-    async def _send_text(self, frame: str) -> None:
-        await self._send({"type": "websocket.send", "text": frame})
+        self.socket.close(code, reason)
 
     def _overflow(self, dropped: list[str]) -> None:
         """Close 4011. Positions moved when the dropped frames were queued, but they were
@@ -485,10 +480,6 @@ class ClientConnection:
         self.close(SLOW_CONSUMER, "slow consumer")
 
     async def _cleanup(self) -> None:
-        self.close(self.close_code or 1000)
-        if self._closing is None:
-            # The client closed first, so close() had nothing to do: stop the writer here.
-            self.queue.close()
         gateway = self.gateway
         gateway.connections.pop(self.id, None)
         # Exact positions for a resume within the window, captured before the subscriptions
@@ -509,50 +500,91 @@ class ClientConnection:
 
     # --- frames -------------------------------------------------------------------------
 
-    async def _handle(self, message: Message) -> None:
-        text = message.get("text")
+    async def _work(self, command: Command) -> None:
+        """Run ``command``, then those that queued up meanwhile, in order."""
+        try:
+            next_command: Command | None = command
+            while next_command is not None:
+                if not self._instant(next_command):
+                    await self._execute(next_command)
+                next_command = None
+                inbox = self._inbox
+                while inbox and next_command is None and self.finishing is None:
+                    next_command = self._parse(inbox.popleft())
+                    if self._reading_paused and len(inbox) < _INBOX_PAUSE // 2:
+                        self._reading_paused = False
+                        self.socket.resume_reading()
+        finally:
+            self._worker = None
+            self._inbox = None
+            if self._reading_paused:
+                self._reading_paused = False
+                self.socket.resume_reading()
+
+    def _parse(self, text: str | None) -> Command | None:
+        """A frame checked and validated as a command, or None (answered or closed)."""
         if text is None:
-            await self._protocol_error(None, "frames must be UTF-8 JSON text")
-            return
+            self._protocol_error(None, "frames must be UTF-8 JSON text")
+            return None
         if len(text) > self.config.max_frame_bytes:
             self.close(TOO_LARGE, "frame too large")
-            return
+            return None
         try:
             frame = orjson.loads(text)
         except orjson.JSONDecodeError:
-            await self._protocol_error(None, "frame is not valid JSON")
-            return
+            self._protocol_error(None, "frame is not valid JSON")
+            return None
         if not isinstance(frame, dict):
-            await self._protocol_error(None, "frame must be a JSON object")
-            return
+            self._protocol_error(None, "frame must be a JSON object")
+            return None
         command_id = frame.get("id")
         if not isinstance(command_id, int | str) or isinstance(command_id, bool):
             command_id = None
         op = frame.get("op")
         if op not in COMMAND_OPS:
-            await self._protocol_error(command_id, f"unknown op {op!r}")
-            return
+            self._protocol_error(command_id, f"unknown op {op!r}")
+            return None
         self._bad_frames = 0
         if self.principal is None and op != "connect":
             self._error(command_id, "unauthorized", "the first command must be connect")
             self.close(UNAUTHORIZED, "unauthorized", flush=True)
-            return
+            return None
         if self.principal is not None and not self._admit(command_id):
-            return
+            return None
         try:
-            command = _commands.validate_python(frame)
+            command: Command = _commands.validate_python(frame)
         except ValidationError as exc:
             self._error(command_id, "bad_request", _describe(exc))
-            return
+            return None
+        return command
+
+    def _instant(self, command: Command) -> bool:
+        """Run ``command`` now if it needs no I/O (ping, pong, ack); whether it did."""
+        try:
+            match command:
+                case PingCommand():
+                    self._reply(command.id, {"ts": int(time.time() * 1000)})
+                case PongCommand():
+                    self._pong(command.ts)
+                case AckCommand():
+                    self._ack(command)
+                case _:
+                    return False
+        except AppError as exc:
+            self._error(command.id, _protocol_code(exc), exc.message)
+        return True
+
+    async def _execute(self, command: Command) -> None:
         try:
             await self._dispatch(command)
         except AppError as exc:
-            self._error(command_id, _protocol_code(exc), exc.message)
+            self._error(command.id, _protocol_code(exc), exc.message)
         except Exception:
-            log.exception("gateway: command failed", op=op, connection_id=self.id)
-            self._error(command_id, "internal", "internal error")
+            op = type(command).__name__
+            log.exception("gateway: command failed", command=op, connection_id=self.id)
+            self._error(command.id, "internal", "internal error")
 
-    async def _protocol_error(self, command_id: int | str | None, message: str) -> None:
+    def _protocol_error(self, command_id: int | str | None, message: str) -> None:
         self._error(command_id, "bad_request", message)
         self._bad_frames += 1
         if self._bad_frames >= 3:
@@ -612,12 +644,6 @@ class ClientConnection:
                 await self._presence(command)
             case RefreshCommand():
                 await self._refresh(command)
-            case PingCommand():
-                self._reply(command.id, {"ts": int(time.time() * 1000)})
-            case PongCommand():
-                self._pong(command.ts)
-            case AckCommand():
-                self._ack(command)
 
     async def _connect(self, command: ConnectCommand) -> None:
         if self.principal is not None:
@@ -967,9 +993,7 @@ class ClientConnection:
             now = time.monotonic()
             if now - self._rtt_shown_at >= _RTT_SHOW_S:
                 self._rtt_shown_at = now
-                self._background = asyncio.ensure_future(
-                    self.gateway.registry.update_live(self.record)
-                )
+                self.gateway.registry.show_live(self.record)
             else:
                 self.gateway.registry.heartbeat(self.record)
         self._schedule_ping()
@@ -987,22 +1011,16 @@ class ClientConnection:
 
     def _expire(self) -> None:
         # Bypass the queue's order: the client must see why it is being closed.
+        if self.finishing is not None:
+            return
         frame = '{"op":"disconnect","code":4003,"reason":"token expired","reconnect":true}'
-        self._closed.set()
-        if self.raw is not None:
-            self.raw.queue.put_nowait({"type": "websocket.disconnect", "code": TOKEN_EXPIRED})
-        self._closing = asyncio.ensure_future(
-            self._send_then_close(frame, TOKEN_EXPIRED, "token expired")
-        )
+        self.queue.close()
+        self._finish_with(TOKEN_EXPIRED, self._send_then_close(frame, TOKEN_EXPIRED, "expired"))
 
     async def _send_then_close(self, frame: str, code: int, reason: str) -> None:
-        self.close_code = code
-        for timer in self._timers.values():
-            timer.cancel()
-        self.queue.close()
         with contextlib.suppress(Exception):
-            await self._send_text(frame)
-        await self._send_close(code, reason)
+            await self.socket.send_text(frame)
+        self.socket.close(code, reason)
 
     # --- helpers ------------------------------------------------------------------------
 

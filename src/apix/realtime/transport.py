@@ -1,24 +1,57 @@
-"""The WebSocket protocol implementation APIX runs on uvicorn.
+"""The WebSocket protocol the gateway runs on: a uvicorn ``ws`` protocol class of its own.
 
-uvicorn's sans-I/O `websockets` protocol, with two additions:
+uvicorn hands an upgrade request to this class on the same port as the HTTP API
+(``uvicorn.Config(ws=WS_PROTOCOL)``, as ``apix serve`` does). It speaks RFC 6455 with
+`websockets`' sans-I/O parser and drives the gateway by callbacks, with no ASGI app in
+between:
+
+- a connection is a protocol object, its parser and the gateway's `Peer`: no task, queue,
+  event or suspended coroutine is held per idle connection (an ASGI WebSocket needs a task
+  and a receive queue each, for as long as it is open);
+- frames the gateway builds once per event are written as they are to every subscriber's
+  transport (`write_frame`), instead of being encoded and framed again per subscriber;
 - when the node shuts down, open WebSockets are closed with 4500 ("node shutting down:
-  reconnect at once, to another node") instead of 1012, as PROTOCOL.md section 9 requires;
-- the fan-out fast path: the ASGI scope carries the protocol under
-  `extensions["apix.raw"]`, so the gateway can write an event's WebSocket frame, built once
-  per event, straight to every idle subscriber's transport (`write_frame`), instead of
-  encoding and framing the same text again per subscriber through the ASGI `send`.
-Selected with ``uvicorn.Config(ws="apix.realtime.transport:ApixWebSocketProtocol")``.
+  reconnect at once, to another node"), as PROTOCOL.md section 9 requires.
+
+Only the gateway's path is served here; an upgrade on any other path is answered 404, and
+the upgrade is refused with an HTTP error in the API's error model when the node is not
+ready or shutting down (503) or the ``Origin`` is not allowed (403). On another ASGI
+server, the gateway's ASGI endpoint (`apix.realtime.gateway.Gateway.__call__`) serves the
+same protocol without the fast path.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import struct
+from collections.abc import Sequence
+from http import HTTPStatus
+from typing import Any, Protocol
 
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.http11 import Request
+from websockets.datastructures import Headers
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import Protocol as FrameProtocol
+from websockets.protocol import Side, State
+from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
+
+from apix.core.json import dumps
 
 SHUTTING_DOWN = 4500
-RAW_EXTENSION = "apix.raw"
+SUBPROTOCOL = "apix.v1"
+WS_PATH = "/api/v1/apix/ws"
+# A peer that does not answer our close frame in time is cut off.
+CLOSE_TIMEOUT_S = 5.0
+
+_log = logging.getLogger("apix.websocket")
+_TEXT = Opcode.TEXT
+_CONT = Opcode.CONT
+_CLOSE = Opcode.CLOSE
+_BINARY = Opcode.BINARY
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -35,12 +68,119 @@ def text_frame(payload: bytes) -> bytes:
     return struct.pack("!BBQ", 0x81, 127, size) + payload
 
 
-class ApixWebSocketProtocol(WebSocketsSansIOProtocol):
-    def handle_connect(self, event: Request) -> None:
-        super().handle_connect(event)
-        scope = getattr(self, "scope", None)
-        if scope is not None:
-            scope["extensions"][RAW_EXTENSION] = {"protocol": self}
+class Peer(Protocol):
+    """What a socket drives: the gateway's client connection."""
+
+    def received(self, text: str | None) -> None:
+        """A whole message arrived (``None``: it was binary)."""
+
+    def lost(self, code: int) -> None:
+        """The socket is gone: the peer closed it with ``code``, or it dropped (1006)."""
+
+
+class Acceptor(Protocol):
+    """What accepts connections: the node's gateway (``app.state.gateway``)."""
+
+    closing: bool
+
+    def allows_origin(self, origin: str | None) -> bool: ...
+
+    def open(self, socket: Any, origin: str | None) -> Peer: ...
+
+
+class ApixWebSocketProtocol(asyncio.Protocol):
+    """One WebSocket connection on uvicorn, driven by callbacks (see the module doc)."""
+
+    __slots__ = (
+        "_close_timer",
+        "_closed",
+        "_config",
+        "_connections",
+        "_drained",
+        "_fragments",
+        "_paused",
+        "conn",
+        "peer",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        config: Any,
+        server_state: Any,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        if not config.loaded:
+            config.load()
+        self._config = config
+        self._connections: set[Any] = server_state.connections
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        # The handshake's parser until the upgrade is answered, then a frame parser alone
+        # (the handshake's would keep the request and its headers for the connection's life).
+        self.conn: FrameProtocol = ServerProtocol(
+            extensions=_deflate() if config.ws_per_message_deflate else None,
+            select_subprotocol=_select_subprotocol,
+            max_size=config.ws_max_size,
+            logger=_log,
+        )
+        self.peer: Peer | None = None
+        self._fragments: tuple[bool, list[bytes]] | None = None  # (text?, parts so far)
+        self._paused = False  # the transport holds more than its high-water mark
+        self._drained: asyncio.Future[None] | None = None  # `send_text` callers waiting
+        self._closed = False  # a close frame was sent or the socket is gone
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    # --- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        conn.receive_data(data)
+        for event in conn.events_received():
+            if isinstance(event, Frame):
+                self._frame(event)
+            elif isinstance(event, Request):
+                self._handshake(event)
+        if conn.parser_exc is not None and conn.close_sent is not None:
+            # A protocol violation (bad framing, invalid UTF-8, too large): websockets
+            # queued the matching close frame (1002, 1007, 1009…) and ends the stream.
+            self._gone(conn.close_sent.code)
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._connections.discard(self)
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        self._closed = True
+        self._wake_writers()
+        close = self.conn.close_rcvd
+        self._gone(close.code if close is not None else 1006)
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport: a half-closed WebSocket is of no use
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake_writers()
+
+    # --- uvicorn -------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """uvicorn is stopping: tell the client to reconnect elsewhere (4500) and go."""
+        if self.peer is not None and not self._closed:
+            self.close(SHUTTING_DOWN, "node shutting down")
+            self._gone(SHUTTING_DOWN)
+        self.transport.close()
+
+    # --- what the gateway uses (apix.realtime.connection.Socket) -------------------------
 
     def cap_write_buffer(self, limit: int) -> None:
         """Pause writing (flow control) at ``limit`` buffered bytes at the latest, so that
@@ -55,26 +195,213 @@ class ApixWebSocketProtocol(WebSocketsSansIOProtocol):
         Returns -1 when it was not written; otherwise 0, or the bytes the transport holds
         when this write made it pause (the only time they can have grown past a limit).
         """
-        writable = self.writable
-        if (
-            self.close_sent
-            or not self.handshake_complete
-            or not writable.is_set()
-            or self.transport.is_closing()
-        ):
+        if self._closed or self._paused:
             return -1
-        self.transport.write(frame)
-        return 0 if writable.is_set() else int(self.transport.get_write_buffer_size())
+        transport = self.transport
+        transport.write(frame)
+        return int(transport.get_write_buffer_size()) if self._paused else 0
 
-    def shutdown(self) -> None:
-        if self.close_sent or not self.handshake_complete:
-            super().shutdown()
+    async def send_text(self, text: str) -> None:
+        """Send one text message, waiting while the client is not reading."""
+        while self._paused and not self._closed:
+            if self._drained is None:
+                self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+        if self._closed:
+            raise ConnectionResetError("the WebSocket is closed")
+        self.transport.write(text_frame(text.encode()))
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Start the closing handshake; the socket goes once the client answers, or after
+        `CLOSE_TIMEOUT_S` in any case."""
+        if self._closed:
             return
-        self.stop_keepalive()
-        self.queue.put_nowait({"type": "websocket.disconnect", "code": SHUTTING_DOWN})
-        self.conn.send_close(SHUTTING_DOWN, "node shutting down")
-        self.transport.write(b"".join(self.conn.data_to_send()))
-        self.transport.close()
+        self._closed = True
+        self._wake_writers()
+        self.conn.send_close(code, reason)
+        self._flush()
+        self.transport.resume_reading()  # for the client's answer, even if commands waited
+        self._close_timer = asyncio.get_running_loop().call_later(
+            CLOSE_TIMEOUT_S, self.transport.abort
+        )
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+    def pause_reading(self) -> None:
+        if not self._closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self._closed:
+            self.transport.resume_reading()
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _handshake(self, request: Request) -> None:
+        handshake = self.conn
+        assert isinstance(handshake, ServerProtocol)  # noqa: S101 - first event only
+        gateway = _acceptor(self._config.loaded_app)
+        path = request.path.partition("?")[0]
+        if path not in (WS_PATH, self._config.root_path + WS_PATH):
+            self._refuse(404, "not_found", "no WebSocket endpoint here")
+        elif gateway is None or gateway.closing:
+            self._refuse(503, "unavailable", "node not ready or shutting down")
+        elif not gateway.allows_origin(origin := request.headers.get("Origin")):
+            self._refuse(403, "forbidden", "origin not allowed")
+        else:
+            response = handshake.accept(request)
+            handshake.send_response(response)
+            self._flush()
+            if response.status_code != 101:  # a malformed upgrade: websockets answered 400
+                return
+            frames = FrameProtocol(
+                Side.SERVER, state=State.OPEN, max_size=handshake.max_message_size, logger=_log
+            )
+            frames.extensions = handshake.extensions
+            self.conn = frames
+            self.peer = gateway.open(self, origin)
+            rest = bytes(handshake.reader.buffer)  # frames sent before the 101 arrived
+            if rest:
+                self.data_received(rest)
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        body = dumps({"error": {"code": code, "message": message, "details": None}})
+        headers = Headers(
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(body))),
+                ("Connection", "close"),
+            ]
+        )
+        handshake = self.conn
+        assert isinstance(handshake, ServerProtocol)  # noqa: S101
+        handshake.send_response(Response(status, HTTPStatus(status).phrase, headers, body))
+        self._flush()  # ends with the end of the stream
+
+    def _frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is _TEXT or opcode is _BINARY:
+            if frame.fin:
+                self._deliver(opcode is _TEXT, bytes(frame.data))
+            else:
+                self._fragments = (opcode is _TEXT, [bytes(frame.data)])
+        elif opcode is _CONT and self._fragments is not None:
+            text, parts = self._fragments
+            parts.append(bytes(frame.data))
+            if frame.fin:
+                self._fragments = None
+                self._deliver(text, b"".join(parts))
+        elif opcode is _CLOSE:
+            # websockets queued the echo (or this answers our close) and ends the stream.
+            close = self.conn.close_rcvd
+            self._gone(close.code if close is not None else 1005)
+
+    def _deliver(self, text: bool, data: bytes) -> None:
+        peer = self.peer
+        if peer is None or self._closed:
+            return  # past our close frame: discarded until the client's close arrives
+        if not text:
+            peer.received(None)
+            return
+        try:
+            decoded = data.decode()
+        except UnicodeDecodeError:
+            self.close(1007, "invalid UTF-8")
+            self._gone(1007)
+            return
+        peer.received(decoded)
+
+    def _flush(self) -> None:
+        writes = self.conn.data_to_send()
+        if writes:
+            self.transport.write(b"".join(writes))
+            if not writes[-1]:  # websockets ends the stream: the connection is over
+                self._closed = True
+                self.transport.close()
+
+    def _gone(self, code: int) -> None:
+        """Tell the gateway once that the socket is closing or closed."""
+        self._closed = True
+        peer, self.peer = self.peer, None
+        if peer is not None:
+            peer.lost(code)
+
+    def _wake_writers(self) -> None:
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+
+class AsgiSocket:
+    """The same socket over ASGI, for servers other than uvicorn with `WS_PROTOCOL`: no
+    fast path (every frame goes through ``send``), and the server does the flow control."""
+
+    def __init__(self, send: Any) -> None:
+        self._send = send
+        self._closing: asyncio.Future[None] | None = None
+
+    async def serve(self, receive: Any, peer: Peer) -> None:
+        """Feed ``peer`` until the client is gone; return once our close frame is out."""
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                peer.lost(int(message.get("code", 1000)))
+                break
+            peer.received(message.get("text"))
+        if self._closing is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._closing, CLOSE_TIMEOUT_S)
+
+    def cap_write_buffer(self, limit: int) -> None:
+        pass
+
+    def write_frame(self, frame: bytes) -> int:
+        return -1
+
+    async def send_text(self, text: str) -> None:
+        await self._send({"type": "websocket.send", "text": text})
+
+    def close(self, code: int, reason: str = "") -> None:
+        if self._closing is None:
+            message = {"type": "websocket.close", "code": code, "reason": reason[:120]}
+            self._closing = asyncio.ensure_future(self._send(message))
+
+    def abort(self) -> None:
+        if self._closing is not None:
+            self._closing.cancel()
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def _deflate() -> list[ServerPerMessageDeflateFactory]:
+    # As uvicorn configures it: small windows, so a compressing client costs little memory.
+    return [
+        ServerPerMessageDeflateFactory(
+            server_max_window_bits=12,
+            client_max_window_bits=12,
+            compress_settings={"memLevel": 5},
+        )
+    ]
+
+
+def _select_subprotocol(_: ServerProtocol, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    """``apix.v1`` when offered; otherwise none (the subprotocol is optional)."""
+    return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in offered else None
+
+
+def _acceptor(app: Any) -> Acceptor | None:
+    """The gateway of the app uvicorn serves, found through its middleware (``.app``)."""
+    while app is not None:
+        gateway = getattr(getattr(app, "state", None), "gateway", None)
+        if gateway is not None:
+            return gateway  # type: ignore[no-any-return]
+        app = getattr(app, "app", None)
+    return None
 
 
 WS_PROTOCOL = "apix.realtime.transport:ApixWebSocketProtocol"

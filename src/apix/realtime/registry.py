@@ -184,13 +184,10 @@ class Registry:
         return self.batch.call("SET", _conn_key(record.id), state, "EX", _CONN_TTL_S)
 
     def show_live(self, record: ConnectionRecord) -> None:
-        """`update_live` without waiting (a failure is logged): for the measured latency."""
+        """`update_live` without waiting (a failure is logged): the measured latency and the
+        heartbeat, shown in the list at once and written to the record at the next flush."""
         self._dirty[record.id] = record
         self.batch.send("SET", _conn_key(record.id), self._live_state(record), "EX", _CONN_TTL_S)
-
-    def heartbeat(self, record: ConnectionRecord) -> None:
-        """A pong: the database learns of it at the next flush."""
-        self._dirty[record.id] = record
 
     @staticmethod
     def _live_state(record: ConnectionRecord) -> bytes:

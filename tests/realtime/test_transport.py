@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import struct
+import time
 from typing import Any
 
 import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.conftest import LiveServer, serve_app
+from apix.app import create_app
+from apix.realtime import transport
+from tests.conftest import LiveServer, Servers, make_settings, serve_app
 from tests.identity.factories import new_org_admin
 from tests.realtime.raw import connected, raw_socket
 
@@ -191,3 +195,24 @@ async def test_a_raw_client_gets_its_reply_after_the_upgrade(
         assert reply["ok"], reply
     finally:
         writer.close()
+
+
+async def test_a_client_that_never_answers_the_close_is_cut_off(
+    servers: Servers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's close frame (here 4008: no connect in time) is not answered: the TCP
+    connection ends anyway once the close timeout passes."""
+    monkeypatch.setattr(transport, "CLOSE_TIMEOUT_S", 0.5)
+    settings = make_settings(servers, realtime={"connect_timeout_ms": 200})
+    app = create_app(settings)
+    async with app.router.lifespan_context(app), serve_app(app, settings) as live:
+        reader, writer = await _upgrade(live.port)
+        try:
+            assert await _read_close_code(reader) == 4008
+            started = time.monotonic()
+            with contextlib.suppress(ConnectionResetError):
+                rest = await asyncio.wait_for(reader.read(), 5)
+                assert rest == b""
+            assert time.monotonic() - started < 3
+        finally:
+            writer.close()

@@ -98,6 +98,9 @@ SHUTTING_DOWN = 4500
 TOO_LARGE = 1009
 
 _SESSION_SAVE_S = 5.0
+# Session positions are saved a slice of the connections at a time, so that no single
+# loop turn builds and sends thousands of them (a stall every event waits out).
+_SESSION_SLICES = 10
 _RTT_SHOW_S = 60.0
 _FLUSH_TIMEOUT_S = 1.0
 _CLOSE_TIMEOUT_S = 5.0
@@ -143,8 +146,10 @@ class Gateway:
             Periodic(
                 "apix-presence", max(1.0, self.config.presence_ttl_s / 3), self._refresh_presence
             ),
-            Periodic("apix-sessions", _SESSION_SAVE_S, self._save_sessions),
+            Periodic("apix-sessions", _SESSION_SAVE_S / _SESSION_SLICES, self._save_sessions),
         ]
+        self._save_slice = 0
+        self._accepted = 0  # connections so far: deals them round the save slices
         self.closing = False
         # Set by the monitoring runtime: latency samples and delivery counts.
         self.probe: DeliveryProbe | None = None
@@ -194,10 +199,18 @@ class Gateway:
         if connection is not None:
             connection.close(int(message.get("code", KICKED)), "disconnected by an administrator")
 
+    def next_save_slice(self) -> int:
+        self._accepted += 1
+        return self._accepted % _SESSION_SLICES
+
     async def _save_sessions(self) -> None:
-        """Positions of sessions that moved, saved every few seconds (exactly at close)."""
+        """Positions of sessions that moved, saved every few seconds (exactly at close);
+        each run saves one slice of the connections."""
+        self._save_slice = turn = (self._save_slice + 1) % _SESSION_SLICES
         changed = []
         for connection in self.connections.values():
+            if connection.save_slice != turn:
+                continue
             positions = [(s.last_offset, s.acked) for s in connection.subscriptions.values()]
             if positions and positions != connection.saved_positions:
                 connection.saved_positions = positions
@@ -362,6 +375,7 @@ class ClientConnection:
         self.session = new_session_token()
         self.filters: dict[str, list[str] | None] = {}
         self.saved_positions: list[tuple[str, str]] = []
+        self.save_slice = gateway.next_save_slice()
         self.principal: Principal | None = None
         self.record: ConnectionRecord | None = None
         self.subscriptions: dict[str, Subscription] = {}

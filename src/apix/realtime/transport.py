@@ -218,7 +218,7 @@ class ApixWebSocketProtocol(asyncio.Protocol):
             return
         self._closed = True
         self._wake_writers()
-        self.conn.send_close(code, reason)
+        self.conn.send_close(code, reason[:120])  # a close frame's reason: 123 bytes at most
         self._flush()
         self.transport.resume_reading()  # for the client's answer, even if commands waited
         self._close_timer = asyncio.get_running_loop().call_later(

@@ -109,20 +109,21 @@ async def _read_close_code(reader: asyncio.StreamReader) -> int:
             return int(struct.unpack("!H", payload[:2])[0])
 
 
-async def test_invalid_utf8_in_a_text_message_closes_with_1007(live: LiveServer) -> None:
+@pytest.mark.parametrize(
+    ("opcode", "payload", "code"),
+    [
+        (0x1, b'{"op":"ping","x":"\xff\xfe"}', 1007),  # a text message that is not UTF-8
+        (0x3, b"?", 1002),  # a reserved opcode
+    ],
+    ids=["invalid-utf8", "reserved-opcode"],
+)
+async def test_a_malformed_frame_closes_with_the_rfc_code(
+    live: LiveServer, opcode: int, payload: bytes, code: int
+) -> None:
     reader, writer = await _upgrade(live.port)
     try:
-        writer.write(_client_frame(0x1, b'{"op":"ping","x":"\xff\xfe"}'))
-        assert await _read_close_code(reader) == 1007
-    finally:
-        writer.close()
-
-
-async def test_a_frame_with_a_reserved_opcode_closes_with_1002(live: LiveServer) -> None:
-    reader, writer = await _upgrade(live.port)
-    try:
-        writer.write(_client_frame(0x3, b"?"))
-        assert await _read_close_code(reader) == 1002
+        writer.write(_client_frame(opcode, payload))
+        assert await _read_close_code(reader) == code
     finally:
         writer.close()
 

@@ -36,6 +36,7 @@ from apix.core.errors import (
     RateLimited,
     TooLarge,
     Unauthorized,
+    error_content,
 )
 from apix.core.json import dumps
 from apix.core.logging import get_logger
@@ -460,7 +461,7 @@ class ClientConnection:
     async def _finish(self, closing: asyncio.Future[None] | None) -> None:
         """Clean up once the command under way (if any) is done; then see the close out."""
         worker = self._worker
-        if worker is not None and worker is not asyncio.current_task():
+        if worker is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(worker)
         await self._cleanup()
@@ -1063,7 +1064,7 @@ async def _refuse_upgrade(scope: Scope, send: Send, status: int, code: str, mess
     if "websocket.http.response" not in scope.get("extensions", {}):
         await send({"type": "websocket.close", "code": 1008})
         return
-    body = dumps({"error": {"code": code, "message": message, "details": None}})
+    body = dumps(error_content(code, message))
     await send(
         {
             "type": "websocket.http.response.start",

@@ -39,6 +39,7 @@ from websockets.protocol import Side, State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
+from apix.core.errors import error_content
 from apix.core.json import dumps
 
 SHUTTING_DOWN = 4500
@@ -266,7 +267,7 @@ class ApixWebSocketProtocol(asyncio.Protocol):
                 self.data_received(rest)
 
     def _refuse(self, status: int, code: str, message: str) -> None:
-        body = dumps({"error": {"code": code, "message": message, "details": None}})
+        body = dumps(error_content(code, message))
         headers = Headers(
             [
                 ("Content-Type", "application/json"),

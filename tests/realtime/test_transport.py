@@ -35,6 +35,18 @@ async def test_an_upgrade_on_another_path_is_404_in_the_error_model(live: LiveSe
     assert json.loads(response.body)["error"]["code"] == "not_found"
 
 
+async def test_an_upgrade_while_the_node_shuts_down_is_503_in_the_error_model(
+    live: LiveServer,
+) -> None:
+    await live.app.state.gateway.shutdown_connections()  # the lifespan's first step at stop
+    with pytest.raises(InvalidStatus) as refused:
+        async with raw_socket(live.ws):
+            pass
+    response = refused.value.response
+    assert response.status_code == 503
+    assert json.loads(response.body)["error"]["code"] == "unavailable"
+
+
 async def test_a_fragmented_command_is_read_as_one_message(
     client: httpx.AsyncClient, live: LiveServer
 ) -> None:

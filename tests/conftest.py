@@ -33,6 +33,7 @@ from apix.config import (
     DatabaseSettings,
     Environment,
     LogSettings,
+    RedisSettings,
     ServerSettings,
     Settings,
     WorkerSettings,
@@ -40,6 +41,7 @@ from apix.config import (
 from apix.infra import migrate
 from apix.infra.database import Base, async_url
 from apix.infra.embedded import EmbeddedServers
+from apix.infra.redis import create_redis
 from apix.models import load_all_models
 from apix.realtime.transport import WS_PROTOCOL
 
@@ -142,6 +144,14 @@ async def client(app: object) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
     async with httpx.AsyncClient(transport=transport, base_url="http://apix.test") as http:
         yield http
+
+
+@pytest.fixture
+async def redis(servers: Servers) -> AsyncIterator[Redis]:
+    """A client of the test Redis, for tests of the Redis scripts themselves."""
+    client = create_redis(servers.redis_url, RedisSettings())
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

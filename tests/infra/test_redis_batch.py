@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from apix.config import RedisSettings
-from apix.infra.redis import AutoPipeline, create_redis
-from tests.conftest import Servers
-
-
-@pytest.fixture
-async def redis(servers: Servers) -> AsyncIterator[Redis]:
-    client = create_redis(servers.redis_url, RedisSettings())
-    yield client
-    await client.aclose()
+from apix.infra.redis import AutoPipeline
 
 
 class CountingPipelines(AutoPipeline):

@@ -6,24 +6,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from apix.config import RedisSettings
-from apix.infra.redis import create_redis
 from apix.realtime.broker import Broker, Published
 from apix.realtime.channels import NAMESPACES, ChannelRef
-from tests.conftest import Servers
-
-
-@pytest.fixture
-async def redis(servers: Servers) -> AsyncIterator[Redis]:
-    client = create_redis(servers.redis_url, RedisSettings())
-    yield client
-    await client.aclose()
 
 
 def _channel() -> ChannelRef:

@@ -60,27 +60,30 @@ if (not epoch) or lost then
   redis.call('DEL', meta, stream)
   redis.call('HSET', meta, 'epoch', epoch)
 end
-local max_len = tonumber(ARGV[2])
-local len = redis.call('XLEN', stream)
+-- With an archive, nothing it does not hold yet may go: no trimming before its first mark,
+-- and never past `archived`. Only events up to that mark are read to find the cut, so a
+-- publish stays cheap however far the archiver has fallen behind.
+local archived = archive ~= '' and redis.call('HGET', meta, 'archived')
 local cut = nil
-if len >= max_len then
-  local victims = redis.call('XRANGE', stream, '-', '+', 'COUNT', len - max_len + 1)
-  cut = victims[#victims][1]
-end
--- Only when the oldest event is past the age limit: a reverse range that matches nothing
--- makes Redis walk the whole stream backwards (260 µs a publish at 8,000 events).
-local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
-if #first > 0 and older(first[1][1], ARGV[3]) then
-  local old = redis.call('XREVRANGE', stream, '(' .. ARGV[3], '-', 'COUNT', 1)
-  if #old > 0 and (cut == nil or older(cut, old[1][1])) then
-    cut = old[1][1]
+if archive == '' or archived then
+  local len = redis.call('XLEN', stream)
+  local over = len - tonumber(ARGV[2]) + 1
+  if over > 0 then
+    local victims = redis.call('XRANGE', stream, '-', archived or '+', 'COUNT', over)
+    if #victims > 0 then
+      cut = victims[#victims][1]
+    end
   end
-end
-if cut and archive ~= '' then
-  local archived = redis.call('HGET', meta, 'archived')
-  if not archived then
-    cut = nil
-  elseif older(archived, cut) then
+  -- Only when the oldest event is past the age limit: a reverse range that matches nothing
+  -- makes Redis walk the whole stream backwards (260 µs a publish at 8,000 events).
+  local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+  if #first > 0 and older(first[1][1], ARGV[3]) then
+    local old = redis.call('XREVRANGE', stream, '(' .. ARGV[3], '-', 'COUNT', 1)
+    if #old > 0 and (cut == nil or older(cut, old[1][1])) then
+      cut = old[1][1]
+    end
+  end
+  if cut and archived and older(archived, cut) then
     cut = archived
   end
 end

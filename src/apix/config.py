@@ -314,14 +314,20 @@ class MonitoringSettings(BaseModel):
     )
     count_events: bool = Field(
         True,
-        description="The node holding the monitoring lease counts every published event "
-        "(one Redis pattern subscription) for events-in rates and top channels.",
+        description="Count every published event for events-in rates and top channels: the "
+        "publish script adds it to a counter in Redis, which the node holding the monitoring "
+        "lease takes every `alert_interval_s`.",
     )
     metrics_token: SecretStr | None = Field(
         None,
         description="Bearer token `GET /metrics` requires (Prometheus scrapes with it). "
         "Unset: `/metrics` is disabled (404).",
     )
+
+    @property
+    def counting(self) -> bool:
+        """Whether publishers add their events to the counter the lease holder takes."""
+        return self.enabled and self.count_events
 
 
 class Settings(BaseSettings):

@@ -114,9 +114,9 @@ class DeliveryProbe:
     def round_trip(self, metric: str, seconds: float) -> None:
         self._sample(metric, PLATFORM, "", "", int(seconds * 1_000_000))
 
-    def published(self, org: str, channel: str) -> None:
-        self.counts[(org, "published", channel.partition(":")[0])] += 1
-        self.counts[(org, "channel_in", channel)] += 1
+    def published(self, org: str, channel: str, n: int = 1) -> None:
+        self.counts[(org, "published", channel.partition(":")[0])] += n
+        self.counts[(org, "channel_in", channel)] += n
 
     def take(self) -> tuple[list[Sample], Counts]:
         """Hand over what was recorded since the last call."""

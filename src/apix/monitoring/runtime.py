@@ -2,8 +2,9 @@
 
 Loops: every `push_interval_s` the probe's batch goes into this node's slots and to Redis;
 every `probe_interval_s` Redis and PostgreSQL round trips are measured; every
-`alert_interval_s` the node tries to hold the monitoring lease, and the holder counts
-published events (one pattern subscription) and evaluates alerts.
+`alert_interval_s` the node tries to hold the monitoring lease, and the holder takes the
+count of events published cluster-wide (kept in Redis by the publish script) and evaluates
+alerts.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from apix.realtime.gateway import Gateway
 log = get_logger(__name__)
 
 LEASE_KEY = "apix:mon:lease"
-_ANNOUNCEMENTS = "apix:ch:*:live"
 # KEYS: lease. ARGV: owner, ttl_ms. Take the lease if free, extend it if ours.
 _HOLD = """
 local owner = redis.call('GET', KEYS[1])
@@ -83,7 +83,6 @@ class MonitoringRuntime:
         self._push_lock = asyncio.Lock()
         self._hold = redis.register_script(_HOLD)
         self._release = redis.register_script(_RELEASE)
-        self._counter: asyncio.Task[None] | None = None
         self._loops = [
             Periodic("apix-monitoring-push", self.config.push_interval_s, self.push),
             Periodic("apix-monitoring-probe", self.config.probe_interval_s, self.measure_backends),
@@ -108,7 +107,6 @@ class MonitoringRuntime:
             return
         for loop in self._loops:
             await loop.stop()
-        await self._stop_counter()
         with contextlib.suppress(Exception):
             await self.push()
         if self.leader:
@@ -153,6 +151,7 @@ class MonitoringRuntime:
     async def fresh(self) -> None:
         """Push this node's latest figures before answering a read (others lag a push)."""
         if self.enabled:
+            await self._take_counts()
             await self.push()
 
     def _gauges(self) -> tuple[dict[store.CKey, int], int, int]:
@@ -196,17 +195,9 @@ class MonitoringRuntime:
     async def lead(self) -> None:
         ttl_ms = int(max(3 * self.config.alert_interval_s, 5.0) * 1000)
         self.leader = bool(await self._hold(keys=[LEASE_KEY], args=[self.owner, ttl_ms]))
-        if self.leader and self.config.count_events and self._counter is None:
-            listening = asyncio.get_running_loop().create_future()
-            self._counter = asyncio.create_task(
-                self._count_events(listening), name="apix-mon-counter"
-            )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(listening), 5.0)
-        elif not self.leader:
-            await self._stop_counter()
         if not self.leader:
             return
+        await self._take_counts()
         await self.push()
         await self.refresh_backlog()
         await self.evaluator.evaluate(await self.alert_values())
@@ -247,53 +238,15 @@ class MonitoringRuntime:
         monitor = ChannelRef("monitor", NAMESPACES["monitor"], None, str(org_id))
         await self.gateway.broker.publish(monitor, event, data)
 
-    async def _count_events(self, listening: asyncio.Future[None]) -> None:
-        """Count every published event once, cluster-wide (only the lease holder runs it)."""
-        pubsub = self.redis.pubsub()
-        try:
-            await pubsub.psubscribe(_ANNOUNCEMENTS)
-            while True:
-                try:
-                    message = await pubsub.get_message(timeout=0.5)
-                except (asyncio.CancelledError, GeneratorExit):
-                    raise
-                except Exception as exc:
-                    log.warning("monitoring: event counter read failed", error=repr(exc))
-                    await asyncio.sleep(1.0)
-                    continue
-                if message is None:
-                    continue
-                if message["type"] == "psubscribe" and not listening.done():
-                    listening.set_result(None)  # from here on every announcement is seen
-                if message["type"] != "pmessage":
-                    continue
-                if not message["data"].startswith(b"e "):
-                    continue  # presence announcements are not events
-                tenant, channel = _tenant_channel(message["channel"])
-                if tenant is not None:
-                    self.probe.published(PLATFORM if tenant == PLATFORM_TENANT else tenant, channel)
-        finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    async def _stop_counter(self) -> None:
-        counter, self._counter = self._counter, None
-        if counter is not None:
-            counter.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await counter
+    async def _take_counts(self) -> None:
+        """Fold the events published cluster-wide since the last take into this node's
+        figures (only the lease holder takes them, so each is counted once)."""
+        if not (self.leader and self.config.count_events):
+            return
+        for (tenant, channel), n in (await self.gateway.broker.take_counts()).items():
+            self.probe.published(PLATFORM if tenant == PLATFORM_TENANT else tenant, channel, n)
 
 
 def _p99(histogram: Any, minimum: int) -> float | None:
     summary = histograms.summary(histogram)
     return summary.p99 if summary.count >= minimum else None
-
-
-def _tenant_channel(raw: bytes | str) -> tuple[str | None, str]:
-    """`apix:ch:{p<n>}:<tenant>:<channel>:live` → (tenant, channel)."""
-    name = raw.decode() if isinstance(raw, bytes) else raw
-    _, sep, rest = name.partition("}:")
-    if not sep or not rest.endswith(":live"):
-        return None, ""
-    tenant, _, channel = rest[: -len(":live")].partition(":")
-    return tenant, channel

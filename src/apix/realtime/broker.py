@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from apix.core.json import dumps
 from apix.infra.redis import AutoPipeline
-from apix.realtime.channels import ChannelRef
+from apix.realtime.channels import PARTITIONS, ChannelRef, counter_key
 
 # Stream ids compare as (milliseconds, sequence); `older(a, b)` is a < b.
 _IDS = """
@@ -35,7 +35,8 @@ local function older(a, b)
 end
 """
 
-# KEYS: meta, stream, idempotency key (or ""), archive queue (or "": not archived).
+# KEYS: meta, stream, idempotency key (or ""), archive queue (or "": not archived),
+# published-events counter (or "": not counted).
 # ARGV: epoch candidate, max_len, min_id, payload, pubsub channel, ttl_ms, event type,
 # event id, idempotency ttl_ms, tenant, channel name.
 # Returns {offset, epoch, event id, duplicate (0/1)}.
@@ -46,7 +47,7 @@ end
 _PUBLISH = (
     _IDS
     + """
-local meta, stream, idem, archive = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local meta, stream, idem, archive, counter = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 if idem ~= '' then
   local first = redis.call('HMGET', idem, 'offset', 'epoch', 'id')
   if first[1] then
@@ -102,6 +103,12 @@ redis.call('PEXPIRE', meta, ARGV[6])
 redis.call('PUBLISH', ARGV[5], 'e ' .. epoch .. ' ' .. id .. ' ' .. ARGV[7] .. ' ' .. ARGV[4])
 if archive ~= '' then
   redis.call('XADD', archive, '*', 't', ARGV[10], 'c', ARGV[11], 'e', epoch, 'o', id, 'd', ARGV[4])
+end
+if counter ~= '' then
+  -- Taken by the monitoring lease holder every few seconds; counts nobody took for ten
+  -- minutes are stale.
+  redis.call('HINCRBY', counter, ARGV[10] .. ' ' .. ARGV[11], 1)
+  redis.call('PEXPIRE', counter, 600000)
 end
 if idem ~= '' then
   redis.call('HSET', idem, 'offset', id, 'epoch', epoch, 'id', ARGV[8])
@@ -176,6 +183,16 @@ end
 return 1
 """
 )
+
+# KEYS: a partition's published-events counter. Its counts, {"<tenant> <channel>", n, ...},
+# handed over once: the counter is emptied.
+_TAKE_COUNTS = """
+local counts = redis.call('HGETALL', KEYS[1])
+if #counts > 0 then
+  redis.call('DEL', KEYS[1])
+end
+return counts
+"""
 
 # A publish retried with the same idempotency key within this returns the first result.
 IDEMPOTENCY_TTL_S = 600
@@ -286,15 +303,18 @@ class Broker:
         source: str,
         archive: bool = True,
         batch: AutoPipeline | None = None,
+        count: bool = False,
     ) -> None:
         self.redis = redis
         self.source = source
         self.archive = archive  # queue events for the archiver; trimming waits for it
+        self.count = count  # count events per channel for monitoring (`take_counts`)
         self.batch = batch or AutoPipeline(redis)
         self._publish = redis.register_script(_PUBLISH)
         self._epoch = redis.register_script(_EPOCH)
         self._read = redis.register_script(_READ)
         self._archived = redis.register_script(_ARCHIVED)
+        self._take_counts = redis.register_script(_TAKE_COUNTS)
 
     async def publish(
         self,
@@ -343,7 +363,8 @@ class Broker:
         namespace = channel.namespace
         idem = channel.idempotency_key(idempotency_key) if idempotency_key else ""
         archive = channel.archive_key if self.archive and channel.archived else ""
-        keys = [channel.meta_key, channel.stream_key, idem, archive]
+        counter = channel.counter_key if self.count else ""
+        keys = [channel.meta_key, channel.stream_key, idem, archive, counter]
         args = [
             new_epoch(),
             namespace.max_len,
@@ -358,6 +379,23 @@ class Broker:
             channel.name,
         ]
         return keys, args
+
+    async def take_counts(self) -> dict[tuple[str, str], int]:
+        """Events published since the last call, per (tenant, channel), over every node's
+        publishes: each partition's counter is read and emptied in one step, so concurrent
+        takers never count an event twice."""
+        taken = await asyncio.gather(
+            *(
+                self.batch.script(self._take_counts, keys=[counter_key(p)], args=[])
+                for p in range(PARTITIONS)
+            )
+        )
+        counts: dict[tuple[str, str], int] = {}
+        for flat in taken:
+            for field, n in zip(flat[::2], flat[1::2], strict=True):
+                tenant, _, channel = field.decode().partition(" ")
+                counts[(tenant, channel)] = counts.get((tenant, channel), 0) + int(n)
+        return counts
 
     async def epoch(self, channel: ChannelRef) -> str:
         ttl_ms = channel.namespace.max_age_s * 1000 + _EXTRA_TTL_MS

@@ -119,6 +119,10 @@ class ChannelRef:
     def archive_key(self) -> str:
         return archive_key(self.partition)
 
+    @property
+    def counter_key(self) -> str:
+        return counter_key(self.partition)
+
     def idempotency_key(self, key: str) -> str:
         digest = hashlib.sha256(key.encode()).hexdigest()
         return f"{self.prefix}:idem:{digest}"
@@ -145,6 +149,11 @@ def channel_prefix(tenant: str, name: str) -> str:
 def archive_key(partition: int) -> str:
     """The partition's queue of events for the archiver (a stream read by a consumer group)."""
     return f"apix:archive:{{p{partition}}}"
+
+
+def counter_key(partition: int) -> str:
+    """The partition's count of published events per channel, for monitoring (a hash)."""
+    return f"apix:mon:published:{{p{partition}}}"
 
 
 def parse(name: object, principal: Principal) -> ChannelRef:

@@ -119,7 +119,11 @@ class Gateway:
         # The node's Redis writes and scripts on the hot paths share round trips.
         self.batch = batch = AutoPipeline(redis)
         self.broker = Broker(
-            redis, source=f"apix-node:{self.node}", archive=settings.worker.archive, batch=batch
+            redis,
+            source=f"apix-node:{self.node}",
+            archive=settings.worker.archive,
+            batch=batch,
+            count=settings.monitoring.counting,
         )
         self.hub = Hub(redis)
         self.presence = Presence(redis, ttl_s=self.config.presence_ttl_s, source=self.broker.source)

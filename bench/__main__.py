@@ -142,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
             profile=profile,
             targets=chosen,
             results=results,
-            docs_dir=DOCS,
+            # With --no-docs, flame graphs stay beside the raw profiles, not over docs/.
+            docs_dir=RESULTS / f"{stamp}-profiles" if args.no_docs else DOCS,
             keep_dir=RESULTS / f"{stamp}-profiles",
         )
         ctx.save = lambda: out.write_text(json.dumps(results, indent=1))
@@ -191,7 +192,8 @@ def _update(args: argparse.Namespace, path: Path, targets: list[str], scenarios:
             profile=profile,
             targets=chosen,
             results=results,
-            docs_dir=DOCS,
+            # With --no-docs, flame graphs stay beside the raw profiles, not over docs/.
+            docs_dir=RESULTS / f"{stamp}-profiles" if args.no_docs else DOCS,
             keep_dir=RESULTS / f"{stamp}-profiles",
         )
         ctx.save = lambda: path.write_text(json.dumps(results, indent=1))

@@ -80,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             name = f"{settings.node_id}:{os.getpid()}"
             workers = Workers(settings, database, redis, gateway.broker, name=name)
         app.state.workers = workers
+        identity.start()  # watches revocations; retries by itself while Redis is down
         try:
             await identity.resync()
             await gateway.start()
@@ -101,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await workers.stop()
             await monitoring.stop()
             await gateway.stop()
+            await identity.stop()
             await redis.aclose()
             await database.dispose()
 

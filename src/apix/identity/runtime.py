@@ -1,9 +1,10 @@
 """What identity needs at run time, built once in the lifespan: keys, hasher, limits, revocations.
 
-Revocations live in Redis so that every node sees a logout or a suspension at once, and so
-the per-request check is one round trip (`EXISTS` over the session and organisation keys).
-PostgreSQL keeps the durable record; `IdentityRuntime.resync` copies it back into Redis
-when a node starts, so a Redis restart cannot quietly revive revoked tokens.
+Revocations live in Redis, announced to every node, which keeps a copy in memory
+(`apix.identity.revocations`): a logout or a suspension is seen by every node within a
+round trip of Redis, and the per-request check is a lookup. PostgreSQL keeps the durable
+record; `IdentityRuntime.resync` copies it back into Redis when a node starts, so a Redis
+restart cannot quietly revive revoked tokens.
 """
 
 from __future__ import annotations
@@ -25,14 +26,13 @@ from apix.core.time import utcnow
 from apix.identity.keys import KeyRing
 from apix.identity.models import Organization, SessionRevocation
 from apix.identity.passwords import Passwords
+from apix.identity.revocations import Revocations
 from apix.identity.tokens import AccessClaims
 from apix.infra.database import Database
 from apix.infra.redis import AutoPipeline
 
 _VERIFIED_MAX = 10_000
 _VERIFIED_TTL_S = 60.0
-_SID_KEY = "apix:auth:revoked-sid:{}"
-_ORG_KEY = "apix:auth:suspended-org:{}"
 
 
 @dataclass
@@ -51,9 +51,18 @@ class IdentityRuntime:
     )
     # Revocation checks of concurrent requests and connects share round trips.
     batch: AutoPipeline = field(init=False)
+    revocations: Revocations = field(init=False)
 
     def __post_init__(self) -> None:
         self.batch = AutoPipeline(self.redis)
+        self.revocations = Revocations(self.redis, self.batch)
+
+    def start(self) -> None:
+        """Keep this node's copy of the revocations current (checks ask Redis until then)."""
+        self.revocations.start()
+
+    async def stop(self) -> None:
+        await self.revocations.stop()
 
     @classmethod
     def create(cls, settings: Settings, database: Database, redis: Redis) -> IdentityRuntime:
@@ -78,27 +87,13 @@ class IdentityRuntime:
     # --- revocation -------------------------------------------------------------------
 
     async def revoke_sessions(self, session_ids: list[uuid.UUID]) -> None:
-        if not session_ids:
-            return
-        ttl = self.settings.auth.access_ttl_s + 60
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for sid in session_ids:
-                pipe.set(_SID_KEY.format(sid), 1, ex=ttl)
-            await pipe.execute()
+        await self.revocations.revoke(session_ids, self.settings.auth.access_ttl_s + 60)
 
     async def set_suspended(self, org_id: uuid.UUID, suspended: bool) -> None:
-        if suspended:
-            await self.redis.set(_ORG_KEY.format(org_id), 1)
-        else:
-            await self.redis.delete(_ORG_KEY.format(org_id))
+        await self.revocations.suspend(org_id, suspended)
 
     async def is_revoked(self, session_id: uuid.UUID | None, org_id: uuid.UUID | None) -> bool:
-        keys = []
-        if session_id is not None:
-            keys.append(_SID_KEY.format(session_id))
-        if org_id is not None:
-            keys.append(_ORG_KEY.format(org_id))
-        return bool(keys) and bool(await self.batch.call("EXISTS", *keys))
+        return await self.revocations.revoked(session_id, org_id)
 
     async def resync(self) -> None:
         """Copy suspended organisations and recently revoked sessions into Redis."""

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import PubSub
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
@@ -38,6 +39,19 @@ async def ping(client: Redis) -> dict[str, Any]:
     latency_ms = (time.perf_counter() - started) * 1000
     info = await client.info("server")
     return {"latency_ms": round(latency_ms, 3), "version": str(info.get("redis_version"))}
+
+
+class WatchedPubSub(PubSub):
+    """redis-py reconnects a dropped pub/sub connection and subscribes again by itself,
+    silently: whatever was announced in between never arrives. This says when (on the
+    first connection too)."""
+
+    on_reconnect: Callable[[], None] | None = None
+
+    async def on_connect(self, connection: Any) -> None:
+        await super().on_connect(connection)
+        if self.on_reconnect is not None:
+            self.on_reconnect()
 
 
 class AutoPipeline:

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from apix.core.json import loads
 from apix.core.logging import get_logger
+from apix.infra.redis import WatchedPubSub
 from apix.realtime.broker import event_frame, offset_key
 from apix.realtime.channels import ChannelRef
 from apix.realtime.transport import text_frame
@@ -74,18 +74,6 @@ def compile_filter(patterns: list[str] | None) -> re.Pattern[str] | None:
     return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
 
 
-class _WatchedPubSub(PubSub):
-    """redis-py reconnects a dropped pub/sub connection and subscribes again by itself,
-    silently: whatever was announced in between never arrives. This says when."""
-
-    on_reconnect: Callable[[], None] | None = None
-
-    async def on_connect(self, connection: Any) -> None:
-        await super().on_connect(connection)
-        if self.on_reconnect is not None:
-            self.on_reconnect()
-
-
 @dataclass
 class HubStats:
     events_in: int = 0
@@ -97,7 +85,7 @@ class HubStats:
 class Hub:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._pubsub = _WatchedPubSub(redis.connection_pool)
+        self._pubsub = WatchedPubSub(redis.connection_pool)
         self._pubsub.on_reconnect = self._interrupted
         self._subs: dict[str, set[Subscription]] = defaultdict(set)  # pubsub channel → subs
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)

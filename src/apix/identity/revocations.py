@@ -1,0 +1,185 @@
+"""Revoked sessions and suspended organisations, as every node sees them.
+
+Redis holds them (a sorted set of revoked session ids by expiry, a set of suspended
+organisations) and announces each change on one pub/sub channel. Each node keeps a copy in
+memory, loaded once its subscription is confirmed and kept current by the announcements,
+so the check on every request and connect is a lookup, not a round trip.
+
+The copy is used only while it is known to be current: loaded since the subscription was
+last (re)established, and Redis heard from within `_STALE_S` (the watcher pings every
+`_PING_S`). Otherwise (before the first load, while the subscription is down, or when Redis
+stopped answering) every check asks Redis, as it always did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Sequence
+
+from redis.asyncio import Redis
+
+from apix.core.logging import get_logger
+from apix.infra.redis import AutoPipeline, WatchedPubSub
+
+log = get_logger(__name__)
+
+REVOKED_KEY = "apix:auth:revoked"  # sorted set: session id → expiry (ms)
+SUSPENDED_KEY = "apix:auth:suspended"  # set: organisation ids
+# Announcements: "s <expiry ms> <session id>...", "o+ <organisation id>", "o- <organisation id>".
+CHANGES = "apix:auth:changes"
+
+_PING_S = 1.0
+_STALE_S = 3.0
+_PRUNE_S = 60.0
+
+
+class Revocations:
+    def __init__(self, redis: Redis, batch: AutoPipeline) -> None:
+        self.redis = redis
+        self.batch = batch
+        self._sessions: dict[uuid.UUID, float] = {}  # session id → expiry (epoch seconds)
+        self._orgs: set[uuid.UUID] = set()
+        self._loaded = False
+        self._heard = float("-inf")  # loop time Redis last answered the watcher
+        self._task: asyncio.Task[None] | None = None
+        self._pubsub: WatchedPubSub | None = None
+
+    @property
+    def current(self) -> bool:
+        """Whether the copy may answer checks (else they ask Redis)."""
+        if not self._loaded:
+            return False
+        return asyncio.get_running_loop().time() - self._heard < _STALE_S
+
+    # --- checking -----------------------------------------------------------------------
+
+    async def revoked(self, session_id: uuid.UUID | None, org_id: uuid.UUID | None) -> bool:
+        if self.current:
+            if session_id is not None and self._sessions.get(session_id, 0.0) > time.time():
+                return True
+            return org_id is not None and org_id in self._orgs
+        return await self._ask(session_id, org_id)
+
+    async def _ask(self, session_id: uuid.UUID | None, org_id: uuid.UUID | None) -> bool:
+        checks = []
+        if session_id is not None:
+            checks.append(self.batch.call("ZSCORE", REVOKED_KEY, str(session_id)))
+        if org_id is not None:
+            checks.append(self.batch.call("SISMEMBER", SUSPENDED_KEY, str(org_id)))
+        answers = await asyncio.gather(*checks)
+        if session_id is not None:
+            expiry = answers.pop(0)
+            if expiry is not None and float(expiry) > time.time() * 1000:
+                return True
+        return bool(answers and answers[0])
+
+    # --- writing (any node) -------------------------------------------------------------
+
+    async def revoke(self, session_ids: Sequence[uuid.UUID], ttl_s: float) -> None:
+        """Revoke sessions until their tokens have expired (``ttl_s`` from now)."""
+        if not session_ids:
+            return
+        now_ms = int(time.time() * 1000)
+        expiry_ms = now_ms + int(ttl_s * 1000)
+        ids = [str(sid) for sid in session_ids]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(REVOKED_KEY, dict.fromkeys(ids, expiry_ms))
+            pipe.zremrangebyscore(REVOKED_KEY, "-inf", now_ms)
+            pipe.publish(CHANGES, f"s {expiry_ms} {' '.join(ids)}")
+            await pipe.execute()
+        for sid in session_ids:  # this node refuses them at once, announcement or not
+            self._sessions[sid] = expiry_ms / 1000
+
+    async def suspend(self, org_id: uuid.UUID, suspended: bool) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if suspended:
+                pipe.sadd(SUSPENDED_KEY, str(org_id))
+            else:
+                pipe.srem(SUSPENDED_KEY, str(org_id))
+            pipe.publish(CHANGES, f"{'o+' if suspended else 'o-'} {org_id}")
+            await pipe.execute()
+        if suspended:
+            self._orgs.add(org_id)
+        else:
+            self._orgs.discard(org_id)
+
+    # --- the watcher --------------------------------------------------------------------
+
+    def start(self) -> None:
+        pubsub = WatchedPubSub(self.redis.connection_pool)
+        pubsub.on_reconnect = self._dropped
+        self._pubsub = pubsub
+        self._task = asyncio.create_task(self._watch(pubsub), name="apix-revocations")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        pubsub, self._pubsub = self._pubsub, None
+        self._loaded = False
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _dropped(self) -> None:
+        # Announcements may have been missed: ask Redis until the copy is loaded again.
+        self._loaded = False
+
+    async def _watch(self, pubsub: WatchedPubSub) -> None:
+        loop = asyncio.get_running_loop()
+        next_ping = next_prune = 0.0
+        while True:
+            try:
+                if not pubsub.subscribed:
+                    await pubsub.subscribe(CHANGES)
+                message = await pubsub.get_message(timeout=_PING_S)
+                now = loop.time()
+                if message is not None:
+                    self._heard = now
+                    if message["type"] == "subscribe":
+                        # From here on nothing announced is missed: load what came before.
+                        await self._load()
+                    elif message["type"] == "message":
+                        self._apply(message["data"])
+                if now >= next_ping:
+                    next_ping = now + _PING_S
+                    await pubsub.ping()
+                if now >= next_prune:
+                    next_prune = now + _PRUNE_S
+                    self._prune()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._loaded = False
+                log.warning("revocations: watcher failed; checks ask Redis", error=repr(exc))
+                await asyncio.sleep(_PING_S)
+
+    async def _load(self) -> None:
+        now_ms = int(time.time() * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrangebyscore(REVOKED_KEY, now_ms, "+inf", withscores=True)
+            pipe.smembers(SUSPENDED_KEY)
+            sessions, orgs = await pipe.execute()
+        self._sessions = {uuid.UUID(sid.decode()): ms / 1000 for sid, ms in sessions}
+        self._orgs = {uuid.UUID(org.decode()) for org in orgs}
+        self._loaded = True
+
+    def _apply(self, data: bytes) -> None:
+        kind, _, rest = data.decode().partition(" ")
+        if kind == "s":
+            expiry_ms, *ids = rest.split()
+            for sid in ids:
+                self._sessions[uuid.UUID(sid)] = int(expiry_ms) / 1000
+        elif kind == "o+":
+            self._orgs.add(uuid.UUID(rest))
+        elif kind == "o-":
+            self._orgs.discard(uuid.UUID(rest))
+
+    def _prune(self) -> None:
+        now = time.time()
+        self._sessions = {sid: exp for sid, exp in self._sessions.items() if exp > now}

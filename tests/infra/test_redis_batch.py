@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 from redis.asyncio import Redis
@@ -72,3 +73,30 @@ async def test_commands_after_a_batch_go_in_the_next(redis: Redis) -> None:
     second = await batch.call("PING")
     assert (first, second) == (True, True)
     assert batch.round_trips == 2
+
+
+async def test_runs_nobody_waits_for_keep_their_order_for_scripts_not_loaded_yet(
+    redis: Redis,
+) -> None:
+    """Two scripts Redis has never seen, interleaved: they run in the order sent (a run
+    that missed its script used to be retried behind the commands queued after it)."""
+    batch = AutoPipeline(redis)
+    tag = uuid.uuid4().hex
+    scripts = [
+        redis.register_script(f"-- {tag} {name}\nreturn redis.call('RPUSH', KEYS[1], ARGV[1])")
+        for name in ("a", "b")
+    ]
+    key = f"t:order:{tag}"
+    sent = []
+    for n in range(20):
+        for name, script in zip("ab", scripts, strict=True):
+            batch.send_script(script, [key], [f"{name}{n}"])
+            sent.append(f"{name}{n}")
+        if n == 10:
+            await asyncio.sleep(0)  # some in the next round trip
+    await batch.call("PING")
+    for _ in range(100):
+        if await redis.llen(key) == len(sent):
+            break
+        await asyncio.sleep(0.02)
+    assert [v.decode() for v in await redis.lrange(key, 0, -1)] == sent

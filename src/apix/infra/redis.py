@@ -104,6 +104,9 @@ class AutoPipeline:
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._busy = False
         self._runs: set[asyncio.Future[Any]] = set()  # in flight: keep a reference
+        # Scripts this pipeline has sent `SCRIPT LOAD` for (forgotten when Redis says it
+        # lost them): loading ahead, in the same batch, keeps the runs in order.
+        self._loaded: set[str] = set()
 
     def call(self, *args: Any) -> asyncio.Future[Any]:
         """Queue one command (name and arguments, as for `execute_command`)."""
@@ -120,8 +123,18 @@ class AutoPipeline:
 
     def send_script(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> None:
         """Queue a script run whose outcome nobody waits for (a failure is only logged)."""
-        future = self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        future = self._evalsha(script, keys, args)
         future.add_done_callback(functools.partial(self._script_sent, script, keys, args))
+
+    def _evalsha(
+        self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]
+    ) -> asyncio.Future[Any]:
+        if script.sha not in self._loaded:
+            # Loaded in the same batch, just before: a run that missed it would be retried
+            # after commands queued behind it, out of order.
+            self._loaded.add(script.sha)
+            self.send("SCRIPT", "LOAD", script.script)
+        return self.call("EVALSHA", script.sha, len(keys), *keys, *args)
 
     def _script_sent(
         self,
@@ -131,6 +144,7 @@ class AutoPipeline:
         future: asyncio.Future[Any],
     ) -> None:
         if not future.cancelled() and isinstance(future.exception(), NoScriptError):
+            self._loaded.discard(script.sha)  # a restarted Redis forgot it
             retry = asyncio.ensure_future(script(keys=keys, args=args))
             self._runs.add(retry)
             retry.add_done_callback(self._runs.discard)
@@ -141,8 +155,9 @@ class AutoPipeline:
     async def script(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """Run a registered Lua script in the next batch (by SHA; loaded on first miss)."""
         try:
-            return await self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await self._evalsha(script, keys, args)
         except NoScriptError:  # a restarted Redis forgot it: load it and run it on its own
+            self._loaded.discard(script.sha)
             return await script(keys=keys, args=args)
 
     def _send(self) -> None:

@@ -35,25 +35,12 @@ local function older(a, b)
 end
 """
 
-# KEYS: meta, stream, idempotency key (or ""), archive queue (or "": not archived),
-# published-events counter (or "": not counted).
-# ARGV: epoch candidate, max_len, min_id, payload, pubsub channel, ttl_ms, event type,
-# event id, idempotency ttl_ms, tenant, channel name.
-# Returns {offset, epoch, event id, duplicate (0/1)}.
+# Shared by the publish scripts. KEYS[1] meta, KEYS[2] stream; ARGV[1] epoch candidate,
+# ARGV[2] max_len, ARGV[3] min_id.
 #
-# Trimming keeps the namespace's last `max_len` events younger than `min_id`, but never
-# drops an event the archiver has not written yet (`archived` in the metadata): with an
-# archive, `trimmed` never passes `archived`, so whatever left the stream is in PostgreSQL.
-_PUBLISH = (
-    _IDS
-    + """
-local meta, stream, idem, archive, counter = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-if idem ~= '' then
-  local first = redis.call('HMGET', idem, 'offset', 'epoch', 'id')
-  if first[1] then
-    return {first[1], first[2], first[3], 1}
-  end
-end
+# The channel's epoch: a new one if there was none or the stream was lost since the last
+# publish.
+_OPEN_STREAM = """
 local epoch = redis.call('HGET', meta, 'epoch')
 local lost = redis.call('EXISTS', stream) == 0 and redis.call('HEXISTS', meta, 'last') == 1
 if (not epoch) or lost then
@@ -61,6 +48,13 @@ if (not epoch) or lost then
   redis.call('DEL', meta, stream)
   redis.call('HSET', meta, 'epoch', epoch)
 end
+"""
+
+# Trimming, with `incoming` events still to append, keeps the namespace's last `max_len`
+# events younger than `min_id`, but never drops an event the archiver has not written yet
+# (`archived` in the metadata): with an archive, `trimmed` never passes `archived`, so
+# whatever left the stream is in PostgreSQL.
+_TRIM = """
 -- With an archive, nothing it does not hold yet may go: no trimming before its first mark,
 -- and never past `archived`. Only events up to that mark are read to find the cut, so a
 -- publish stays cheap however far the archiver has fallen behind.
@@ -68,7 +62,7 @@ local archived = archive ~= '' and redis.call('HGET', meta, 'archived')
 local cut = nil
 if archive == '' or archived then
   local len = redis.call('XLEN', stream)
-  local over = len - tonumber(ARGV[2]) + 1
+  local over = len - tonumber(ARGV[2]) + incoming
   if over > 0 then
     local victims = redis.call('XRANGE', stream, '-', archived or '+', 'COUNT', over)
     if #victims > 0 then
@@ -96,7 +90,28 @@ if cut then
     redis.call('XTRIM', stream, 'MINID', ms .. '-' .. (seq + 1))
   end
 end
-local id = redis.call('XADD', stream, '*', 'd', ARGV[4])
+"""
+
+# KEYS: meta, stream, idempotency key (or ""), archive queue (or "": not archived),
+# published-events counter (or "": not counted).
+# ARGV: epoch candidate, max_len, min_id, payload, pubsub channel, ttl_ms, event type,
+# event id, idempotency ttl_ms, tenant, channel name.
+# Returns {offset, epoch, event id, duplicate (0/1)}.
+_PUBLISH = (
+    _IDS
+    + """
+local meta, stream, idem, archive, counter = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+if idem ~= '' then
+  local first = redis.call('HMGET', idem, 'offset', 'epoch', 'id')
+  if first[1] then
+    return {first[1], first[2], first[3], 1}
+  end
+end
+"""
+    + _OPEN_STREAM
+    + "local incoming = 1\n"
+    + _TRIM
+    + """local id = redis.call('XADD', stream, '*', 'd', ARGV[4])
 redis.call('HSET', meta, 'last', id)
 redis.call('PEXPIRE', stream, ARGV[6])
 redis.call('PEXPIRE', meta, ARGV[6])
@@ -115,6 +130,41 @@ if idem ~= '' then
   redis.call('PEXPIRE', idem, ARGV[9])
 end
 return {id, epoch, ARGV[8], 0}
+"""
+)
+
+# KEYS: meta, stream, archive queue (or ""), published-events counter (or "").
+# ARGV: epoch candidate, max_len, min_id, pubsub channel, ttl_ms, tenant, channel name, then
+# (payload, event type) for each event, appended and announced in order. Returns the offsets.
+_PUBLISH_MANY = (
+    _IDS
+    + """
+local meta, stream, archive, counter = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+"""
+    + _OPEN_STREAM
+    + """
+local ids = {}
+for i = 8, #ARGV, 2 do
+  local id = redis.call('XADD', stream, '*', 'd', ARGV[i])
+  ids[#ids + 1] = id
+  redis.call('PUBLISH', ARGV[4], 'e ' .. epoch .. ' ' .. id .. ' ' .. ARGV[i + 1] .. ' ' .. ARGV[i])
+  if archive ~= '' then
+    redis.call('XADD', archive, '*', 't', ARGV[6], 'c', ARGV[7], 'e', epoch, 'o', id, 'd', ARGV[i])
+  end
+end
+-- Trimmed after appending: a batch longer than the room left keeps only its newest.
+local incoming = 0
+"""
+    + _TRIM
+    + """
+redis.call('HSET', meta, 'last', ids[#ids])
+redis.call('PEXPIRE', stream, ARGV[5])
+redis.call('PEXPIRE', meta, ARGV[5])
+if counter ~= '' then
+  redis.call('HINCRBY', counter, ARGV[6] .. ' ' .. ARGV[7], #ids)
+  redis.call('PEXPIRE', counter, 600000)
+end
+return ids
 """
 )
 
@@ -311,6 +361,7 @@ class Broker:
         self.count = count  # count events per channel for monitoring (`take_counts`)
         self.batch = batch or AutoPipeline(redis)
         self._publish = redis.register_script(_PUBLISH)
+        self._publish_many = redis.register_script(_PUBLISH_MANY)
         self._epoch = redis.register_script(_EPOCH)
         self._read = redis.register_script(_READ)
         self._archived = redis.register_script(_ARCHIVED)
@@ -342,6 +393,32 @@ class Broker:
         ts = int(time.time() * 1000)
         keys, args = self._publish_input(channel, event_type, data, ts, None, None)
         self.batch.send_script(self._publish, keys, args)
+
+    def publish_many_nowait(self, channel: ChannelRef, events: Sequence[tuple[str, Any]]) -> None:
+        """Publish (type, data) events in order in one script run, without waiting for the
+        outcome: the events and announcements are those `publish_nowait` would make, for one
+        trimming pass and one command (a connect storm's `monitor` events)."""
+        if len(events) == 1:
+            self.publish_nowait(channel, *events[0])
+            return
+        ts = int(time.time() * 1000)
+        namespace = channel.namespace
+        archive = channel.archive_key if self.archive and channel.archived else ""
+        counter = channel.counter_key if self.count else ""
+        args: list[Any] = [
+            new_epoch(),
+            namespace.max_len,
+            f"{ts - namespace.max_age_s * 1000}-0",
+            channel.pubsub_channel,
+            namespace.max_age_s * 1000 + _EXTRA_TTL_MS,
+            channel.tenant,
+            channel.name,
+        ]
+        meta = {"source": self.source, "version": "1"}
+        for event_type, data in events:
+            args += (event_payload(new_event_id(), event_type, ts, data, meta), event_type)
+        keys = [channel.meta_key, channel.stream_key, archive, counter]
+        self.batch.send_script(self._publish_many, keys, args)
 
     def _publish_input(
         self,

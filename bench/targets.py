@@ -174,6 +174,10 @@ class Apix(Target):
                 "APIX_MONITORING__METRICS_TOKEN": "bench",
             }
         )
+        # Experiments: BENCH_APIX_X=v sets APIX_X=v on the nodes (and the worker).
+        env.update(
+            {k[len("BENCH_") :]: v for k, v in os.environ.items() if k.startswith("BENCH_APIX_")}
+        )
         return env
 
     def start(self, workdir: Path, *, processes: int = 1, nodes: int = 1) -> None:

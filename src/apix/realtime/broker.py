@@ -398,26 +398,16 @@ class Broker:
         """Publish (type, data) events in order in one script run, without waiting for the
         outcome: the events and announcements are those `publish_nowait` would make, for one
         trimming pass and one command (a connect storm's `monitor` events)."""
-        if len(events) == 1:
-            self.publish_nowait(channel, *events[0])
+        if len(events) <= 1:
+            for event_type, data in events:
+                self.publish_nowait(channel, event_type, data)
             return
         ts = int(time.time() * 1000)
-        namespace = channel.namespace
-        archive = channel.archive_key if self.archive and channel.archived else ""
-        counter = channel.counter_key if self.count else ""
-        args: list[Any] = [
-            new_epoch(),
-            namespace.max_len,
-            f"{ts - namespace.max_age_s * 1000}-0",
-            channel.pubsub_channel,
-            namespace.max_age_s * 1000 + _EXTRA_TTL_MS,
-            channel.tenant,
-            channel.name,
-        ]
-        meta = {"source": self.source, "version": "1"}
-        for event_type, data in events:
-            args += (event_payload(new_event_id(), event_type, ts, data, meta), event_type)
+        archive, counter = self._queues(channel)
         keys = [channel.meta_key, channel.stream_key, archive, counter]
+        args: list[Any] = [*self._stream_args(channel, ts), channel.tenant, channel.name]
+        for event_type, data in events:
+            args += (self._payload(new_event_id(), event_type, ts, data, None), event_type)
         self.batch.send_script(self._publish_many, keys, args)
 
     def _publish_input(
@@ -430,25 +420,17 @@ class Broker:
         idempotency_key: str | None,
     ) -> tuple[list[str], list[Any]]:
         event_id = new_event_id()
-        payload = event_payload(
-            event_id,
-            event_type,
-            ts,
-            data,
-            {"source": self.source, "version": "1", **(meta or {})},
-        )
-        namespace = channel.namespace
         idem = channel.idempotency_key(idempotency_key) if idempotency_key else ""
-        archive = channel.archive_key if self.archive and channel.archived else ""
-        counter = channel.counter_key if self.count else ""
+        archive, counter = self._queues(channel)
         keys = [channel.meta_key, channel.stream_key, idem, archive, counter]
+        epoch, max_len, min_id, pubsub, ttl_ms = self._stream_args(channel, ts)
         args = [
-            new_epoch(),
-            namespace.max_len,
-            f"{ts - namespace.max_age_s * 1000}-0",  # older events may be trimmed
-            payload,
-            channel.pubsub_channel,
-            namespace.max_age_s * 1000 + _EXTRA_TTL_MS,
+            epoch,
+            max_len,
+            min_id,
+            self._payload(event_id, event_type, ts, data, meta),
+            pubsub,
+            ttl_ms,
             event_type,
             event_id,
             IDEMPOTENCY_TTL_S * 1000,
@@ -456,6 +438,31 @@ class Broker:
             channel.name,
         ]
         return keys, args
+
+    def _payload(
+        self, event_id: str, event_type: str, ts: int, data: Any, meta: dict[str, Any] | None
+    ) -> bytes:
+        return event_payload(
+            event_id, event_type, ts, data, {"source": self.source, "version": "1", **(meta or {})}
+        )
+
+    def _queues(self, channel: ChannelRef) -> tuple[str, str]:
+        """The archive queue and the published-events counter the script feeds ("": none)."""
+        archive = channel.archive_key if self.archive and channel.archived else ""
+        return archive, channel.counter_key if self.count else ""
+
+    @staticmethod
+    def _stream_args(channel: ChannelRef, ts: int) -> tuple[str, int, str, str, int]:
+        """Epoch candidate, max_len, min_id (older events may be trimmed), pubsub channel and
+        the keys' ttl: the arguments both publish scripts open and trim the stream with."""
+        namespace = channel.namespace
+        return (
+            new_epoch(),
+            namespace.max_len,
+            f"{ts - namespace.max_age_s * 1000}-0",
+            channel.pubsub_channel,
+            namespace.max_age_s * 1000 + _EXTRA_TTL_MS,
+        )
 
     async def take_counts(self) -> dict[tuple[str, str], int]:
         """Events published since the last call, per (tenant, channel), over every node's

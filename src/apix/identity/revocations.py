@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from redis.asyncio import Redis
 
 from apix.core.logging import get_logger
-from apix.infra.redis import AutoPipeline, WatchedPubSub
+from apix.infra.redis import AutoPipeline, WatchedPubSub, stop_reader
 
 log = get_logger(__name__)
 
@@ -46,6 +46,7 @@ class Revocations:
         self._heard = float("-inf")  # loop time Redis last answered the watcher
         self._task: asyncio.Task[None] | None = None
         self._pubsub: WatchedPubSub | None = None
+        self._stopping = False
 
     @property
     def current(self) -> bool:
@@ -109,6 +110,7 @@ class Revocations:
     # --- the watcher --------------------------------------------------------------------
 
     def start(self) -> None:
+        self._stopping = False
         pubsub = WatchedPubSub(self.redis.connection_pool)
         pubsub.on_reconnect = self._dropped
         self._pubsub = pubsub
@@ -118,10 +120,9 @@ class Revocations:
         task, self._task = self._task, None
         pubsub, self._pubsub = self._pubsub, None
         self._loaded = False
+        self._stopping = True  # the watcher checks it between reads (a ping apart at most)
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await stop_reader(task)
         if pubsub is not None:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -133,7 +134,7 @@ class Revocations:
     async def _watch(self, pubsub: WatchedPubSub) -> None:
         loop = asyncio.get_running_loop()
         next_ping = next_prune = 0.0
-        while True:
+        while not self._stopping:
             try:
                 if not pubsub.subscribed:
                     await pubsub.subscribe(CHANGES)
@@ -156,8 +157,9 @@ class Revocations:
                 raise
             except Exception as exc:
                 self._loaded = False
-                log.warning("revocations: watcher failed; checks ask Redis", error=repr(exc))
-                await asyncio.sleep(_PING_S)
+                if not self._stopping:
+                    log.warning("revocations: watcher failed; checks ask Redis", error=repr(exc))
+                    await asyncio.sleep(_PING_S)
 
     async def _load(self) -> None:
         now_ms = int(time.time() * 1000)

@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from apix.core.json import loads
 from apix.core.logging import get_logger
-from apix.infra.redis import WatchedPubSub
+from apix.infra.redis import WatchedPubSub, stop_reader
 from apix.realtime.broker import event_frame, offset_key
 from apix.realtime.channels import ChannelRef
 from apix.realtime.transport import text_frame
@@ -108,12 +108,7 @@ class Hub:
         self._stopping = True
         reader, self._reader = self._reader, None
         if reader is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(reader), 2.0)
-            except TimeoutError:
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                    await asyncio.wait_for(reader, 1.0)
+            await stop_reader(reader)
         with contextlib.suppress(Exception):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from apix.infra.redis import AutoPipeline
+from apix.config import RedisSettings
+from apix.infra.redis import AutoPipeline, create_redis
+from tests.conftest import Servers
 
 
 class CountingPipelines(AutoPipeline):
@@ -41,7 +46,7 @@ async def test_a_failing_command_fails_alone(redis: Redis) -> None:
     ok = batch.call("SET", "t:other", "y")
     wrong = batch.call("INCR", "t:string")  # not an integer
     after = batch.call("GET", "t:other")
-    assert await ok is True
+    assert await ok == b"OK"  # raw replies: no redis-py response callbacks
     with pytest.raises(ResponseError):
         await wrong
     assert await after == b"y"
@@ -71,7 +76,7 @@ async def test_commands_after_a_batch_go_in_the_next(redis: Redis) -> None:
     batch = CountingPipelines(redis)
     first = await batch.call("PING")
     second = await batch.call("PING")
-    assert (first, second) == (True, True)
+    assert (first, second) == (b"PONG", b"PONG")
     assert batch.round_trips == 2
 
 
@@ -100,3 +105,46 @@ async def test_runs_nobody_waits_for_keep_their_order_for_scripts_not_loaded_yet
             break
         await asyncio.sleep(0.02)
     assert [v.decode() for v in await redis.lrange(key, 0, -1)] == sent
+
+
+async def test_after_redis_drops_the_connection_the_next_batch_gets_a_new_one(
+    redis: Redis, servers: Servers
+) -> None:
+    """Redis closed the batch's connection (as on a restart). The batch that finds it dead
+    fails with redis-py's connection error (the pool's retry policy: none by default),
+    unless the pool noticed at checkout; either way the batch after runs on a new one."""
+    batch = AutoPipeline(redis)
+    own_id = await batch.call("CLIENT", "ID")
+    other = create_redis(servers.redis_url, RedisSettings())
+    try:
+        assert await other.execute_command("CLIENT", "KILL", "ID", own_id)
+    finally:
+        await other.aclose()
+    with contextlib.suppress(RedisConnectionError):
+        await batch.call("PING")
+    assert await batch.call("PING") == b"PONG"
+    assert await batch.call("CLIENT", "ID") != own_id
+
+
+async def test_a_batch_without_reply_times_out_and_its_connection_is_not_reused(
+    servers: Servers,
+) -> None:
+    """One bound for the whole batch: past it every command fails with redis-py's timeout
+    error, and the connection (its replies unread) is closed, not handed to the next batch."""
+    client = create_redis(servers.redis_url, RedisSettings(socket_timeout_s=0.3))
+    try:
+        batch = AutoPipeline(client)
+        own_id = await batch.call("CLIENT", "ID")
+        key = f"t:never:{uuid.uuid4().hex}"
+        started = asyncio.get_running_loop().time()
+        blocked = batch.call("BLPOP", key, 0)  # waits for ever
+        behind = batch.call("PING")
+        with pytest.raises(RedisTimeoutError):
+            await blocked
+        with pytest.raises(RedisTimeoutError):
+            await behind
+        assert asyncio.get_running_loop().time() - started < 10
+        assert await batch.call("PING") == b"PONG"
+        assert await batch.call("CLIENT", "ID") != own_id
+    finally:
+        await client.aclose()

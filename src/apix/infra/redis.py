@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,7 +15,8 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from apix.config import RedisSettings
 from apix.core.logging import get_logger
@@ -188,10 +190,7 @@ class AutoPipeline:
 
     async def _round_trip(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            for args, _ in batch:
-                pipe.execute_command(*args)
-            results = await pipe.execute(raise_on_error=False)
+            results = await self._exchange([args for args, _ in batch])
         except asyncio.CancelledError:  # the node is stopping
             for _, future in batch:
                 future.cancel()
@@ -208,6 +207,50 @@ class AutoPipeline:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+    async def _exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` in one write and read their replies, as they come (no response
+        callbacks: ``SET`` answers ``b"OK"``, ``ZSCORE`` a bytes number).
+
+        redis-py's pipeline costs about 30 µs of CPU per command, a third of it a timeout
+        context per reply; this pays one bound for the whole batch, about 8 µs a command.
+        A dropped connection is retried as redis-py's pipeline does (the pool's policy).
+        """
+        pool = self.redis.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            packed = _pack(conn, commands)
+            bound = conn.socket_timeout
+
+            async def exchange() -> list[Any]:
+                replies: list[Any] = []
+                try:
+                    async with asyncio.timeout(bound):
+                        await conn.send_packed_command(packed)
+                        for _ in commands:
+                            try:  # inf: no timeout context per reply (the batch has one)
+                                replies.append(await conn.read_response(timeout=math.inf))
+                            except ResponseError as exc:
+                                replies.append(exc)
+                except TimeoutError as exc:  # as redis-py says it (and retries it)
+                    raise RedisTimeoutError(f"no reply from Redis within {bound} s") from exc
+                return replies
+
+            async def dropped(_error: Exception) -> None:
+                await conn.disconnect()
+
+            replies: list[Any] = await conn.retry.call_with_retry(exchange, dropped)
+            return replies
+        except BaseException:  # replies may be left unread: never reuse this connection
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
+
+
+def _pack(conn: AbstractConnection, commands: list[tuple[Any, ...]]) -> list[bytes]:
+    # One buffer, one write (hiredis's packer on connections from `create_redis`).
+    return [b"".join([part for args in commands for part in conn.pack_command(*args)])]
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import secrets
 import time
@@ -172,6 +173,10 @@ class Redelivery:
         self.on_failed = on_failed
         self._adds: dict[str, float] = {}
         self._removes: list[str] = []
+        # When the earliest pending redelivery falls due (epoch seconds): until then a tick
+        # asks Redis nothing, so an idle node or one without `ack` subscriptions does not
+        # query ten times a second. 0: unknown (at start, for what a previous run left).
+        self._next_due = 0.0
         self._loop = Periodic("apix-redelivery", _TICK_S, self._tick)
 
     async def start(self) -> None:
@@ -192,7 +197,9 @@ class Redelivery:
             self._removes.append(previous)
             self._adds.pop(previous, None)
         sub.pending[offset] = member
-        self._adds[member] = time.time() + self._wait_after(attempt)
+        due = self._adds[member] = time.time() + self._wait_after(attempt)
+        if due < self._next_due:
+            self._next_due = due
 
     def acknowledged(self, sub: Subscription, offset: str) -> None:
         """Cumulative: acknowledges ``offset`` and every earlier event."""
@@ -222,7 +229,8 @@ class Redelivery:
 
     async def _tick(self) -> None:
         await self._flush()
-        await self._due()
+        if time.time() >= self._next_due:
+            await self._due()
 
     async def _flush(self) -> None:
         adds, self._adds = self._adds, {}
@@ -239,8 +247,6 @@ class Redelivery:
     async def _due(self) -> None:
         now_ms = int(time.time() * 1000)
         due = await self.redis.zrangebyscore(self.key, 0, now_ms, start=0, num=_BATCH)
-        if not due:
-            return
         done: list[str] = []
         for raw in due:
             member = raw.decode() if isinstance(raw, bytes) else str(raw)
@@ -268,7 +274,15 @@ class Redelivery:
             )
             connection.queue.push_unbounded(frame)
             self.delivered(sub, offset, attempt + 1)
-        await self.redis.zrem(self.key, *done)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if done:
+                pipe.zrem(self.key, *done)
+            pipe.zrange(self.key, 0, 0, withscores=True)
+            *_, earliest = await pipe.execute()
+        # What is not flushed yet (redeliveries just made among it) is still in `_adds`.
+        self._next_due = min(
+            [earliest[0][1] / 1000 if earliest else math.inf, *self._adds.values()]
+        )
 
     async def _dead_letter(
         self,

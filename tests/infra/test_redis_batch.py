@@ -148,3 +148,17 @@ async def test_a_batch_without_reply_times_out_and_its_connection_is_not_reused(
         assert await batch.call("CLIENT", "ID") != own_id
     finally:
         await client.aclose()
+
+
+async def test_a_bulk_runs_in_one_exchange_with_each_reply_in_its_place(redis: Redis) -> None:
+    batch = CountingPipelines(redis)
+    await redis.set("t:bulk:string", "x")
+    commands: list[tuple[object, ...]] = [("SET", f"t:bulk:{i}", i) for i in range(1_000)]
+    commands.insert(500, ("INCR", "t:bulk:string"))  # refused: not an integer
+    replies = await batch.execute(commands)
+    assert len(replies) == 1_001
+    assert isinstance(replies[500], ResponseError)
+    assert replies[:500] == replies[501:] == [b"OK"] * 500
+    assert batch.round_trips == 0  # not queued with the batched commands
+    assert await redis.get("t:bulk:999") == b"999"
+    assert await batch.execute([]) == []

@@ -175,6 +175,12 @@ class AutoPipeline:
             self._loaded.discard(script.sha)
             return await script(keys=keys, args=args)
 
+    async def execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Run a bulk of commands now, in one exchange of its own (not queued with the
+        others: use it for writes whose order against them does not matter). Raw replies,
+        in order; a command Redis refused gives its error in its place."""
+        return await self._exchange(commands) if commands else []
+
     def _send(self) -> None:
         batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
         run = asyncio.ensure_future(self._round_trip(batch))

@@ -156,6 +156,9 @@ class Gateway:
             Periodic("apix-sessions", _SESSION_SAVE_S / _SESSION_SLICES, self._save_sessions),
         ]
         self._save_slice = 0
+        # The established connections again, dealt round the save slices: a save run
+        # looks at its slice only, not at every connection.
+        self.slices: list[dict[str, ClientConnection]] = [{} for _ in range(_SESSION_SLICES)]
         # `monitor` events of this loop turn, per channel (`monitor_event`).
         self._monitor_events: dict[str, tuple[ChannelRef, list[tuple[str, Any]]]] = {}
         self._accepted = 0  # connections so far: deals them round the save slices
@@ -217,9 +220,7 @@ class Gateway:
         each run saves one slice of the connections."""
         self._save_slice = turn = (self._save_slice + 1) % _SESSION_SLICES
         changed = []
-        for connection in self.connections.values():
-            if connection.save_slice != turn:
-                continue
+        for connection in list(self.slices[turn].values()):
             positions = [(s.last_offset, s.acked) for s in connection.subscriptions.values()]
             if positions and positions != connection.saved_positions:
                 connection.saved_positions = positions
@@ -522,6 +523,7 @@ class ClientConnection:
     async def _cleanup(self) -> None:
         gateway = self.gateway
         gateway.connections.pop(self.id, None)
+        gateway.slices[self.save_slice].pop(self.id, None)
         # Exact positions for a resume within the window, captured before the subscriptions
         # go (presence leaves are announced first; the session is written after).
         saved = session_snapshot(self) if self.principal is not None else None
@@ -724,6 +726,7 @@ class ClientConnection:
             metadata={"origin": self.origin} if self.origin else {},
         )
         gateway.connections[self.id] = self
+        gateway.slices[self.save_slice][self.id] = self
         if gateway.probe is not None:
             self.queue.label = Label(str(principal.org_id), command.client.type)
             self.queue.probe = gateway.probe

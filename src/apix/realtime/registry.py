@@ -38,6 +38,7 @@ CONTROL_CHANNEL = "apix:control"
 _NODE_TTL_S = 30
 _CONN_TTL_S = 300
 _CONN_REFRESH_S = 60  # connection keys are refreshed this often, the node key every beat
+_BULK = 5_000  # commands per bulk exchange: well inside one socket timeout
 
 
 _NODE_META = RequestMeta()  # written by the node itself, not on behalf of a request
@@ -255,12 +256,15 @@ class Registry:
     async def _beat(self) -> None:
         now = datetime.now(UTC)
         refresh = now.timestamp() - self._refreshed_at >= _CONN_REFRESH_S
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(_node_key(self.node), int(now.timestamp() * 1000), ex=_NODE_TTL_S)
-            if refresh:
-                for record in self._live.values():
-                    pipe.expire(_conn_key(record.id), _CONN_TTL_S)
-            await pipe.execute()
+        commands: list[tuple[Any, ...]] = [
+            ("SET", _node_key(self.node), int(now.timestamp() * 1000), "EX", _NODE_TTL_S)
+        ]
+        if refresh:  # every connection's key, in bulk exchanges of a few thousand
+            commands += [("EXPIRE", _conn_key(i), _CONN_TTL_S) for i in list(self._live)]
+        for start in range(0, len(commands), _BULK):
+            for reply in await self.batch.execute(commands[start : start + _BULK]):
+                if isinstance(reply, Exception):
+                    raise reply
         if refresh:
             self._refreshed_at = now.timestamp()
 

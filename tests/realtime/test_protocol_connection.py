@@ -594,6 +594,31 @@ async def test_a_pong_with_the_wrong_ts_does_not_count(servers: Servers) -> None
             assert (await raw.closed(timeout=3))[0] == 4009
 
 
+async def test_a_pong_is_read_the_same_whatever_its_shape(servers: Servers) -> None:
+    """The usual pong (`ts` an integer) takes a shortcut; any other shape is validated as a
+    command, as before: a numeric string or extra fields still count; a pong without `ts`
+    gets a `bad_request` reply and does not count. (The server pings again only once the
+    previous ping was answered, and closes 4009 when it was not.)"""
+    async with node(servers, realtime=HEARTBEAT) as n:
+        admin = await new_org_admin(n.http)
+        async with connected(n.live.ws, admin.access_token) as raw:
+            for shape in ("string", "extra", "id", "int"):
+                ping = await until(raw, lambda f: f.get("op") == "ping", within=2)
+                pong: dict[str, Any] = {"op": "pong", "ts": ping["ts"]}
+                if shape == "string":
+                    pong["ts"] = str(ping["ts"])
+                elif shape == "extra":
+                    pong["note"] = "ignored"
+                elif shape == "id":
+                    pong["id"] = 7
+                await raw.send(pong)
+            await until(raw, lambda f: f.get("op") == "ping", within=2)  # the last counted
+            missing = await raw.command("pong")
+            assert missing["ok"] is False
+            assert missing["error"]["code"] == "bad_request"
+            assert (await raw.closed(timeout=3))[0] == 4009
+
+
 async def test_measured_latency_is_reported_for_the_connection(servers: Servers) -> None:
     """Section 7: the ping/pong round trip is the connection's measured latency (shown by
     the connection list as `rtt_ms`)."""

@@ -225,6 +225,19 @@ def _timeout(_signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _newest_complete() -> Path | None:
+    """The newest results file that holds every scenario: a partial one (`run --update`
+    with a few scenarios, an experiment) would redraw the page with sections missing."""
+    for path in sorted(RESULTS.glob("*.json"), key=os.path.getmtime, reverse=True):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and all(data.get(name) for name in SCENARIOS):
+            return path
+    return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -243,11 +256,16 @@ def main() -> int:
         "--max-minutes", type=float, default=120, help="stop the whole run after this long"
     )
     report_p = sub.add_parser("report", help="regenerate docs/benchmarks.md from a result")
-    report_p.add_argument("result", nargs="?", help="default: the newest bench/results/*.json")
+    report_p.add_argument(
+        "result", nargs="?", help="default: the newest bench/results/*.json with every scenario"
+    )
     args = parser.parse_args()
     if args.command == "run":
         return run(args)
-    path = Path(args.result) if args.result else max(RESULTS.glob("*.json"), key=os.path.getmtime)
+    path = Path(args.result) if args.result else _newest_complete()
+    if path is None:
+        print("no results file with every scenario in bench/results/: name one", file=sys.stderr)
+        return 2
     report.render(path, DOCS)
     print(f"docs/benchmarks.md from {path}")
     return 0

@@ -1,6 +1,7 @@
 """The redelivery loop asks Redis only when something can be due: an idle node, or one
 without `ack` subscriptions, sends it nothing ten times a second. What is due still goes
-out: a previous run's leftovers at start, and unacknowledged events after the timeout."""
+out. Each gateway process has a set of its own: processes under one node name
+(`apix serve --workers N`) each redeliver to their own connections."""
 
 from __future__ import annotations
 
@@ -44,9 +45,8 @@ async def _commands_on(redis: Redis, key: str) -> AsyncIterator[list[str]]:
 
 @contextlib.asynccontextmanager
 async def _node(
-    servers: Servers, node_id: str
+    servers: Servers, node_id: str = "test-node"
 ) -> AsyncIterator[tuple[httpx.AsyncClient, LiveServer]]:
-    """A node of its own (its redelivery set is `apix:redeliver:<node_id>`)."""
     settings = make_settings(
         servers, node_id=node_id, realtime={"ack_timeout_ms": 300, "max_attempts": 3}
     )
@@ -57,43 +57,57 @@ async def _node(
             yield http, server
 
 
-def _key(node_id: str) -> str:
-    return f"apix:redeliver:{node_id}"
+def _key(server: LiveServer) -> str:
+    key: str = server.app.state.gateway.redelivery.key
+    return key
 
 
 async def test_without_pending_deliveries_the_loop_asks_redis_nothing(
     servers: Servers, redis: Redis
 ) -> None:
-    node_id = f"idle-{uuid.uuid4().hex[:8]}"
-    async with _node(servers, node_id):
-        await asyncio.sleep(0.3)  # the check at start is done
-        async with _commands_on(redis, _key(node_id)) as seen:
+    async with _node(servers) as (_, server):
+        async with _commands_on(redis, _key(server)) as seen:
             await asyncio.sleep(1.0)  # ten ticks
-    assert seen == []
+        assert seen == []
 
 
-async def test_what_a_previous_run_left_is_cleared_at_start(servers: Servers, redis: Redis) -> None:
-    """Entries for connections the node no longer has (it restarted): the first tick after
-    start finds them due and removes them."""
-    node_id = f"idle-{uuid.uuid4().hex[:8]}"
-    await redis.zadd(_key(node_id), {"gone|room:x|1-0|1": 1})
-    async with _node(servers, node_id):
-        for _ in range(50):
-            if not await redis.zcard(_key(node_id)):
-                break
-            await asyncio.sleep(0.05)
-        assert await redis.zcard(_key(node_id)) == 0
+async def test_processes_under_one_node_name_each_redeliver_to_their_own(
+    servers: Servers, redis: Redis
+) -> None:
+    """Two gateways named alike (as `apix serve --workers 2` runs them), an `ack`
+    subscriber on each: both get the event again. With one set per node name, whichever
+    process looked first removed the other's entry as "not my connection"."""
+    node_id = f"shared-{uuid.uuid4().hex[:8]}"
+    async with _node(servers, node_id) as (http, one), _node(servers, node_id) as (_, two):
+        assert _key(one) != _key(two)
+        admin = await new_org_admin(http)
+        async with (
+            connected(one.ws, admin.access_token) as first,
+            connected(two.ws, admin.access_token) as second,
+        ):
+            await first.subscribe("room:shared-ack", ack=True)
+            await second.subscribe("room:shared-ack", ack=True)
+            response = await http.post(
+                "/api/v1/apix/channels/room:shared-ack/events",
+                headers=admin.headers,
+                json={"type": "t", "data": {"n": 1}},
+            )
+            assert response.status_code == 201
+            for raw in (first, second):
+                attempts = [e["attempt"] for e in await raw.events(2, timeout=10)]
+                assert attempts == [1, 2]
+            ttl = await redis.ttl(_key(one))
+            assert 0 < ttl <= 86_400  # a crashed process's set does not stay for good
 
 
 async def test_an_unacknowledged_event_is_still_redelivered_after_an_idle_spell(
     servers: Servers, redis: Redis
 ) -> None:
-    node_id = f"idle-{uuid.uuid4().hex[:8]}"
-    async with _node(servers, node_id) as (http, server):
+    async with _node(servers) as (http, server):
         admin = await new_org_admin(http)
         async with connected(server.ws, admin.access_token) as raw:
             await raw.subscribe("room:idle-ack", ack=True)
-            async with _commands_on(redis, _key(node_id)) as seen:
+            async with _commands_on(redis, _key(server)) as seen:
                 await asyncio.sleep(0.5)  # idle: nothing pending, nothing asked
                 assert seen == []
                 response = await http.post(

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 _TICK_S = 0.1
+_KEY_TTL_S = 86_400  # a process's redelivery set outlives its last write by a day
 _BATCH = 500
 _POSITION_SAVE_S = 5.0
 
@@ -168,15 +169,18 @@ class Redelivery:
         self.database = database
         self.broker = broker
         self.config = config
-        self.key = f"apix:redeliver:{node}"
+        # One set per gateway process: `apix serve --workers N` runs N gateways under one
+        # node name, and each must redeliver only to its own connections. A set a process
+        # left behind (a crash) names connections that died with it: it expires.
+        self.key = f"apix:redeliver:{node}:{secrets.token_hex(6)}"
         self.connections = connections
         self.on_failed = on_failed
         self._adds: dict[str, float] = {}
         self._removes: list[str] = []
         # When the earliest pending redelivery falls due (epoch seconds): until then a tick
         # asks Redis nothing, so an idle node or one without `ack` subscriptions does not
-        # query ten times a second. 0: unknown (at start, for what a previous run left).
-        self._next_due = 0.0
+        # query ten times a second.
+        self._next_due = math.inf
         self._loop = Periodic("apix-redelivery", _TICK_S, self._tick)
 
     async def start(self) -> None:
@@ -242,6 +246,7 @@ class Redelivery:
                 pipe.zrem(self.key, *removes)
             if adds:
                 pipe.zadd(self.key, {m: int(due * 1000) for m, due in adds.items()})
+                pipe.expire(self.key, _KEY_TTL_S)
             await pipe.execute()
 
     async def _due(self) -> None:

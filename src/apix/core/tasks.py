@@ -16,6 +16,17 @@ from apix.core.logging import get_logger
 log = get_logger(__name__)
 
 
+async def stop_task(task: asyncio.Task[None], grace_s: float) -> None:
+    """Wait a moment for a loop already told to stop (a flag it checks between rounds),
+    then cancel it: the last resort, for the reason above."""
+    try:
+        await asyncio.wait_for(asyncio.shield(task), grace_s)
+    except TimeoutError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(task, 1.0)
+
+
 class Periodic:
     """Run ``step`` every ``interval`` seconds until `stop`; errors are logged and retried."""
 
@@ -34,12 +45,7 @@ class Periodic:
         task, self._task = self._task, None
         if task is None:
             return
-        try:
-            await asyncio.wait_for(asyncio.shield(task), grace_s)
-        except TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(task, 1.0)
+        await stop_task(task, grace_s)
 
     @property
     def stopping(self) -> bool:

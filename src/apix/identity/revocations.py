@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from redis.asyncio import Redis
 
 from apix.core.logging import get_logger
-from apix.infra.redis import AutoPipeline, WatchedPubSub, stop_reader
+from apix.core.tasks import stop_task
+from apix.infra.redis import AutoPipeline, WatchedPubSub
 
 log = get_logger(__name__)
 
@@ -122,7 +123,7 @@ class Revocations:
         self._loaded = False
         self._stopping = True  # the watcher checks it between reads (a ping apart at most)
         if task is not None:
-            await stop_reader(task)
+            await stop_task(task, grace_s=2.0)
         if pubsub is not None:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]

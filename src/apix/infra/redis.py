@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import math
 import time
@@ -72,18 +71,6 @@ async def ping(client: Redis) -> dict[str, Any]:
     latency_ms = (time.perf_counter() - started) * 1000
     info = await client.info("server")
     return {"latency_ms": round(latency_ms, 3), "version": str(info.get("redis_version"))}
-
-
-async def stop_reader(reader: asyncio.Task[None], grace_s: float = 2.0) -> None:
-    """Stop a pub/sub reader loop that checks a stop flag between reads: wait for it a
-    moment, then cancel it. Cancelling is only the fallback, since redis-py may swallow a
-    cancellation that arrives mid-command (the loop would then never end)."""
-    try:
-        await asyncio.wait_for(asyncio.shield(reader), grace_s)
-    except TimeoutError:
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            await asyncio.wait_for(reader, 1.0)
 
 
 class WatchedPubSub(PubSub):

@@ -24,7 +24,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from apix.core.json import loads
 from apix.core.logging import get_logger
-from apix.infra.redis import WatchedPubSub, stop_reader
+from apix.core.tasks import stop_task
+from apix.infra.redis import WatchedPubSub
 from apix.realtime.broker import event_frame, offset_key
 from apix.realtime.channels import ChannelRef
 from apix.realtime.transport import text_frame
@@ -108,7 +109,7 @@ class Hub:
         self._stopping = True
         reader, self._reader = self._reader, None
         if reader is not None:
-            await stop_reader(reader)
+            await stop_task(reader, grace_s=2.0)
         with contextlib.suppress(Exception):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 

@@ -244,6 +244,20 @@ async def serve_app(
         sock.close()
 
 
+@asynccontextmanager
+async def running_node(
+    servers: Servers, **overrides: object
+) -> AsyncIterator[tuple[httpx.AsyncClient, LiveServer]]:
+    """A node of its own (``overrides`` in its settings), started, on a real socket, with
+    an in-process client of its API."""
+    settings = make_settings(servers, **overrides)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app), serve_app(app, settings) as server:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            yield http, server
+
+
 @pytest.fixture
 async def live(app: Any, settings: Settings) -> AsyncIterator[LiveServer]:
     async with serve_app(app, settings) as server:

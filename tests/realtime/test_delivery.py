@@ -10,8 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from apix.app import create_app
-from tests.conftest import LiveServer, Servers, make_settings, serve_app
+from tests.conftest import LiveServer, Servers, running_node
 from tests.identity.factories import Account, new_member, new_org_admin
 from tests.realtime.raw import connected, raw_socket
 
@@ -145,19 +144,9 @@ async def test_offline_inbox_is_delivered_in_order_on_the_next_connect(
 
 @pytest.fixture
 async def fast_ack(servers: Servers) -> AsyncIterator[tuple[httpx.AsyncClient, LiveServer]]:
-    settings = make_settings(
-        servers,
-        realtime={
-            "ack_timeout_ms": 300,
-            "redelivery_backoff_ms": [100, 200],
-            "max_attempts": 3,
-        },
-    )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app), serve_app(app, settings) as server:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-            yield http, server
+    realtime = {"ack_timeout_ms": 300, "redelivery_backoff_ms": [100, 200], "max_attempts": 3}
+    async with running_node(servers, realtime=realtime) as node:
+        yield node
 
 
 async def test_unacknowledged_events_are_redelivered_then_dead_lettered(

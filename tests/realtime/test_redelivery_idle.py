@@ -13,8 +13,7 @@ from collections.abc import AsyncIterator
 import httpx
 from redis.asyncio import Redis
 
-from apix.app import create_app
-from tests.conftest import LiveServer, Servers, make_settings, serve_app
+from tests.conftest import LiveServer, Servers, running_node
 from tests.identity.factories import new_org_admin
 from tests.realtime.raw import connected
 
@@ -43,18 +42,11 @@ async def _commands_on(redis: Redis, key: str) -> AsyncIterator[list[str]]:
             await watcher
 
 
-@contextlib.asynccontextmanager
-async def _node(
+def _node(
     servers: Servers, node_id: str = "test-node"
-) -> AsyncIterator[tuple[httpx.AsyncClient, LiveServer]]:
-    settings = make_settings(
-        servers, node_id=node_id, realtime={"ack_timeout_ms": 300, "max_attempts": 3}
-    )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app), serve_app(app, settings) as server:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-            yield http, server
+) -> contextlib.AbstractAsyncContextManager[tuple[httpx.AsyncClient, LiveServer]]:
+    realtime = {"ack_timeout_ms": 300, "max_attempts": 3}
+    return running_node(servers, node_id=node_id, realtime=realtime)
 
 
 def _key(server: LiveServer) -> str:

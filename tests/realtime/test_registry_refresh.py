@@ -13,9 +13,8 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from apix.app import create_app
 from apix.realtime import registry
-from tests.conftest import LiveServer, Servers, make_settings, serve_app
+from tests.conftest import LiveServer, Servers, running_node
 from tests.identity.factories import new_org_admin
 from tests.realtime.raw import connected
 
@@ -26,12 +25,8 @@ async def node(
 ) -> AsyncIterator[tuple[httpx.AsyncClient, LiveServer]]:
     monkeypatch.setattr(registry, "_CONN_REFRESH_S", 0.0)  # every beat refreshes
     monkeypatch.setattr(registry, "_BULK", 3)  # several bulk exchanges per beat
-    settings = make_settings(servers, realtime={"registry_flush_s": 0.1})
-    app = create_app(settings)
-    async with app.router.lifespan_context(app), serve_app(app, settings) as server:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-            yield http, server
+    async with running_node(servers, realtime={"registry_flush_s": 0.1}) as node:
+        yield node
 
 
 async def test_every_live_connection_key_and_the_node_key_are_kept_alive(

@@ -21,6 +21,7 @@ from apix.realtime.delivery import _session_key
 from tests.conftest import LiveServer
 from tests.identity.factories import new_org_admin
 from tests.realtime.raw import Raw, raw_socket
+from tests.realtime.test_redelivery_idle import _commands_on
 
 CYCLE_S = 1.0  # stands for `_SESSION_SAVE_S` (5 s): a turn every 0.1 s
 SLICES = 10
@@ -95,3 +96,20 @@ async def test_each_turn_saves_one_slice_and_a_cycle_saves_every_session(
             ttls_ms = [int(t) for t in await pipe.execute()]
         turns = _turns(ttls_ms)
         assert sorted(len(t) for t in turns) == [2] * SLICES, turns
+
+
+async def test_a_new_subscription_is_saved_once_not_again_by_the_save_loop(
+    client: httpx.AsyncClient, live: LiveServer
+) -> None:
+    """Subscribing saves the session; the loop's next turns see nothing moved."""
+    admin = await new_org_admin(client)
+    redis = live.app.state.gateway.redis
+    async with (
+        _commands_on(redis, "apix:sess:") as seen,
+        raw_socket(live.ws) as raw,
+    ):
+        token = (await raw.connect(admin.access_token))["session"]
+        await raw.subscribe("room:saved-once")
+        await asyncio.sleep(2.5 * CYCLE_S)  # every slice's turn comes twice
+        saves = [c for c in seen if c.startswith("SET") and token in c]
+    assert len(saves) == 1, saves

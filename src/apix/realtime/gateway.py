@@ -221,7 +221,7 @@ class Gateway:
         self._save_slice = turn = (self._save_slice + 1) % _SESSION_SLICES
         changed = []
         for connection in list(self.slices[turn].values()):
-            positions = [(s.last_offset, s.acked) for s in connection.subscriptions.values()]
+            positions = connection.positions()
             if positions and positions != connection.saved_positions:
                 connection.saved_positions = positions
                 changed.append(connection)
@@ -434,6 +434,10 @@ class ClientConnection:
                 "no connect in time",
             )
         }
+
+    def positions(self) -> list[tuple[str, str]]:
+        """Where each subscription stands: what the session save loop compares."""
+        return [(s.last_offset, s.acked) for s in self.subscriptions.values()]
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -901,6 +905,7 @@ class ClientConnection:
         assert self.record is not None  # noqa: S101
         self.record.channels = sorted(self.subscriptions)
         self._monitor("subscription.added", {"connection_id": self.id, "channel": sub.channel.name})
+        self.saved_positions = self.positions()  # the save loop has nothing new to write
         # One round trip for all three, shared with whatever else the node is doing.
         await asyncio.gather(
             gateway.registry.update_live(self.record),

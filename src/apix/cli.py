@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from types import ModuleType
 from typing import Annotated, Any
 
 import typer
@@ -91,6 +92,12 @@ def worker(
     """Run the background workers (the event archiver) until SIGTERM or Ctrl-C."""
     import asyncio
 
+    uvloop: ModuleType | None
+    try:
+        import uvloop
+    except ImportError:  # uvicorn[standard] leaves it out where it does not build
+        uvloop = None
+
     from apix.worker import run_worker
 
     settings = _settings()
@@ -100,7 +107,11 @@ def worker(
         database_url = _ensure_servers(settings, embedded)
         if settings.database.migrate_on_start:
             migrations.upgrade(database_url, settings.database)
-        asyncio.run(run_worker(get_settings(), consumer=consumer))
+        main = run_worker(get_settings(), consumer=consumer)
+        if uvloop is None:
+            asyncio.run(main)
+        else:  # as `apix serve` runs (uvicorn's default loop where uvloop is installed)
+            uvloop.run(main)
     except KeyboardInterrupt:
         pass
     finally:

@@ -393,7 +393,9 @@ def _held(results: dict[str, Any], charts: dict[str, str]) -> list[str]:
         "channel (100 connections per channel), heartbeats on (APIX: protocol ping every 25 s; "
         "websockets, uvicorn and Node ws: WebSocket pings every 20 s; Socket.IO: 25 s). "
         "RSS per connection = (server RSS after opening \u2212 RSS before) ÷ N; APIX's Redis and "
-        "PostgreSQL are listed apart (“aux”)."
+        "PostgreSQL are listed apart (“aux”), and so is the CPU they and the event archiver "
+        "(`apix worker`) spent while the connections opened (each connect and subscribe "
+        "publishes two `monitor` events, which are archived)."
     )
     out.append("")
     table: list[list[str]] = []
@@ -404,7 +406,7 @@ def _held(results: dict[str, Any], charts: dict[str, str]) -> list[str]:
         apix = per.get("apix", {})
         for key, r in per.items():
             if "error" in r:
-                table.append([_label(key), f"{n:,}", "failed: " + r["error"][:80]] + [""] * 8)
+                table.append([_label(key), f"{n:,}", "failed: " + r["error"][:80]] + [""] * 9)
                 continue
             table.append(
                 [
@@ -414,6 +416,7 @@ def _held(results: dict[str, Any], charts: dict[str, str]) -> list[str]:
                     _fmt(r["open_s"], 2),
                     _fmt(r["connects_per_s"], 0),
                     _fmt(r["connect_server_cpu_us"], 0),
+                    _fmt(r.get("connect_aux_cpu_us"), 0) if key == "apix" else "",
                     _fmt(r["kib_per_connection"]),
                     _fmt(r["aux_kib_per_connection"]) if key == "apix" else "",
                     _ratio(apix.get("kib_per_connection"), r["kib_per_connection"]),
@@ -430,6 +433,7 @@ def _held(results: dict[str, Any], charts: dict[str, str]) -> list[str]:
                 "time to open, s",
                 "connects/s",
                 "server CPU µs per connect",
+                "aux CPU µs per connect",
                 "KiB per connection",
                 "aux KiB/conn",
                 "APIX ÷ this (KiB)",
@@ -439,6 +443,20 @@ def _held(results: dict[str, Any], charts: dict[str, str]) -> list[str]:
             table,
         )
     )
+    rounds = max((len(r.get("rounds", [])) for r in rows), default=0)
+    if rounds > 1:
+        spread = [
+            f"{_label(r['target'])} at {r['connections']:,}: "
+            + " / ".join(_fmt(x.get("connect_server_cpu_us"), 0) for x in r["rounds"])
+            for r in rows
+            if r.get("rounds")
+        ]
+        out += [
+            "",
+            f"Each row is the median of {rounds} rounds by CPU per connect; the targets took "
+            "turns, round by round, so that drift in the machine's speed weighs on all alike. "
+            "Server CPU µs per connect, round by round: " + "; ".join(spread) + ".",
+        ]
     errors = {r["target"]: r["open_errors"] for r in rows if r.get("open_errors")}
     if errors:
         out += [

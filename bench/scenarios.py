@@ -167,77 +167,110 @@ def _with_target(
 
 
 def held(ctx: Context, targets: list[str]) -> list[dict[str, Any]]:
+    """N connections opened and held, per target. With ``rounds`` > 1 the targets take
+    turns (APIX, baseline, APIX, baseline...), so that a machine whose speed drifts during
+    the run weighs on both alike; each target's row is its median round by CPU per
+    connect, and every round's figures are kept beside it."""
     cfg = ctx.profile["held"]
+    rounds = cfg.get("rounds", 1)
     rows: list[dict[str, Any]] = []
     for n in cfg["connections"]:
+        measured: dict[str, list[dict[str, Any]]] = {key: [] for key in targets}
+        for turn in range(rounds):
+            for key in targets:
+                suffix = f", round {turn + 1}/{rounds}" if rounds > 1 else ""
+                measured[key].append(_held_once(ctx, key, n, suffix))
         for key in targets:
-            target = ctx.targets[key]
-            procs = server_processes(n)
-            log(f"held: {key}, {n} connections, {procs} server process(es)")
-            try:
-                with _with_target(ctx, target, processes=procs):
-                    time.sleep(1.0)
-                    rss0 = rss_bytes(target.server_pids())
-                    aux0 = rss_bytes(target.aux_pids())
-                    subs = loadgen.Subscribers(
-                        ctx.workdir,
-                        urls=target.ws_urls(),
-                        dialect=target.dialect,
-                        token=target.token,
-                        connections=n,
-                        channel_prefix="room:held",
-                        channel_count=max(1, n // 100),
-                    )
-                    try:
-                        server = CpuWindow(target.server_pids()).start()
-                        opened = subs.open(timeout=max(120, n / 50))
-                        server.stop()
-                        time.sleep(2.0)
-                        rss1 = rss_bytes(target.server_pids())
-                        aux1 = rss_bytes(target.aux_pids())
-                        idle = CpuWindow(target.server_pids()).start()
-                        idle_aux = CpuWindow(target.aux_pids()).start()
-                        gen_idle = CpuWindow(subs.pids()).start()
-                        time.sleep(cfg["idle_s"])
-                        idle.stop()
-                        idle_aux.stop()
-                        gen_idle.stop()
-                        still_open = subs.reset(0)
-                    finally:
-                        subs.close()
-            except HarnessError as exc:
-                log(f"  {key}: FAILED {exc}")
-                rows.append({"target": key, "connections": n, "error": str(exc)})
-                continue
-            ok = opened["ok"]
-            row = {
-                "target": key,
-                "connections": n,
-                "server_processes": procs,
-                "opened": ok,
-                "failed": opened["failed"],
-                "open_errors": opened["errors"],
-                "open_s": opened["seconds"],
-                "connects_per_s": opened["connects_per_s"],
-                "connect_server_cpu_us": round(server.cpu * 1e6 / ok, 1) if ok else None,
-                "rss_idle_mib": round(rss0 / 2**20, 1),
-                "rss_mib": round(rss1 / 2**20, 1),
-                "kib_per_connection": round((rss1 - rss0) / 1024 / ok, 2) if ok else None,
-                "aux_kib_per_connection": round((aux1 - aux0) / 1024 / ok, 2) if ok else None,
-                "idle_s": cfg["idle_s"],
-                "idle_server_cores": round(idle.cpu / idle.wall, 4),
-                "idle_aux_cores": round(idle_aux.cpu / idle_aux.wall, 4),
-                "idle_generator_cores": round(gen_idle.cpu / gen_idle.wall, 4),
-                "still_open": still_open,
-            }
-            log(
-                f"  {key}: opened {ok}/{n} in {row['open_s']} s ({row['connects_per_s']}/s), "
-                f"{row['kib_per_connection']} KiB/conn, idle {row['idle_server_cores']} cores"
-            )
+            row = _median_round(measured[key])
             rows.append(row)
             ctx.results.setdefault("held", []).append(row)
-            ctx.save()
+        ctx.save()
     return rows
+
+
+def _median_round(measured: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = sorted(
+        (r for r in measured if r.get("connect_server_cpu_us") is not None),
+        key=lambda r: r["connect_server_cpu_us"],
+    )
+    if not ok:
+        return measured[-1]
+    row = dict(ok[(len(ok) - 1) // 2])
+    if len(measured) > 1:
+        figures = ("connects_per_s", "connect_server_cpu_us", "kib_per_connection")
+        row["rounds"] = [{k: r.get(k) for k in (*figures, "error")} for r in measured]
+    return row
+
+
+def _held_once(ctx: Context, key: str, n: int, suffix: str) -> dict[str, Any]:
+    cfg = ctx.profile["held"]
+    target = ctx.targets[key]
+    procs = server_processes(n)
+    log(f"held: {key}, {n} connections, {procs} server process(es){suffix}")
+    try:
+        with _with_target(ctx, target, processes=procs):
+            time.sleep(1.0)
+            rss0 = rss_bytes(target.server_pids())
+            aux0 = rss_bytes(target.aux_pids())
+            subs = loadgen.Subscribers(
+                ctx.workdir,
+                urls=target.ws_urls(),
+                dialect=target.dialect,
+                token=target.token,
+                connections=n,
+                channel_prefix="room:held",
+                channel_count=max(1, n // 100),
+            )
+            try:
+                server = CpuWindow(target.server_pids()).start()
+                aux = CpuWindow(target.aux_pids()).start()
+                opened = subs.open(timeout=max(120, n / 50))
+                server.stop()
+                aux.stop()
+                time.sleep(2.0)
+                rss1 = rss_bytes(target.server_pids())
+                aux1 = rss_bytes(target.aux_pids())
+                idle = CpuWindow(target.server_pids()).start()
+                idle_aux = CpuWindow(target.aux_pids()).start()
+                gen_idle = CpuWindow(subs.pids()).start()
+                time.sleep(cfg["idle_s"])
+                idle.stop()
+                idle_aux.stop()
+                gen_idle.stop()
+                still_open = subs.reset(0)
+            finally:
+                subs.close()
+    except HarnessError as exc:
+        log(f"  {key}: FAILED {exc}")
+        return {"target": key, "connections": n, "error": str(exc)}
+    ok = opened["ok"]
+    row = {
+        "target": key,
+        "connections": n,
+        "server_processes": procs,
+        "opened": ok,
+        "failed": opened["failed"],
+        "open_errors": opened["errors"],
+        "open_s": opened["seconds"],
+        "connects_per_s": opened["connects_per_s"],
+        "connect_server_cpu_us": round(server.cpu * 1e6 / ok, 1) if ok else None,
+        "connect_aux_cpu_us": round(aux.cpu * 1e6 / ok, 1) if ok else None,
+        "rss_idle_mib": round(rss0 / 2**20, 1),
+        "rss_mib": round(rss1 / 2**20, 1),
+        "kib_per_connection": round((rss1 - rss0) / 1024 / ok, 2) if ok else None,
+        "aux_kib_per_connection": round((aux1 - aux0) / 1024 / ok, 2) if ok else None,
+        "idle_s": cfg["idle_s"],
+        "idle_server_cores": round(idle.cpu / idle.wall, 4),
+        "idle_aux_cores": round(idle_aux.cpu / idle_aux.wall, 4),
+        "idle_generator_cores": round(gen_idle.cpu / gen_idle.wall, 4),
+        "still_open": still_open,
+    }
+    log(
+        f"  {key}: opened {ok}/{n} in {row['open_s']} s ({row['connects_per_s']}/s), "
+        f"{row['connect_server_cpu_us']} µs CPU/connect (+aux {row['connect_aux_cpu_us']}), "
+        f"{row['kib_per_connection']} KiB/conn, idle {row['idle_server_cores']} cores"
+    )
+    return row
 
 
 def _fanout_series(

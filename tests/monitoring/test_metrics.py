@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -130,3 +133,53 @@ async def test_metrics_parse_and_count_what_happened(
         )
         assert value("apix_archive_events_behind", "apix_archive_events_behind") >= 0
         assert value("apix_db_pool_connections", "apix_db_pool_connections", state="size") >= 1
+
+
+def _gauge(families: dict[str, Any], name: str, **labels: str) -> float:
+    return sum(
+        s.value
+        for s in families[name].samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+async def _settled(client: httpx.AsyncClient, done: Callable[[dict[str, Any]], bool]) -> None:
+    """Scrape until ``done`` holds: a close is cleaned up just after the socket goes."""
+    deadline = time.monotonic() + 5
+    while not done(families := await _scrape(client)):
+        assert time.monotonic() < deadline, {k: families[k].samples for k in families}
+        await asyncio.sleep(0.02)
+
+
+async def test_connection_and_subscription_gauges_follow_them_as_they_come_and_go(
+    client: httpx.AsyncClient, live: LiveServer
+) -> None:
+    """Kept as they change (not counted at each scrape): every way in and out is seen."""
+    admin = await new_org_admin(client)
+    async with connected(live.ws, admin.access_token, client={"type": "MOBILE_APP"}) as phone:
+        await phone.subscribe("room:a")
+        await phone.subscribe("room:b")
+        async with connected(live.ws, admin.access_token, client={"type": "WEB_APP"}) as web:
+            await web.subscribe("room:a")
+            for refused in ("nowhere:x", "room:a"):  # unknown; already subscribed
+                reply = await web.command("subscribe", channel=refused)
+                assert reply["ok"] is False
+            families = await _scrape(client)
+            assert _gauge(families, "apix_connections", client_type="MOBILE_APP") == 1
+            assert _gauge(families, "apix_connections", client_type="WEB_APP") == 1
+            assert _gauge(families, "apix_subscriptions") == 3
+            unsubscribed = await phone.command("unsubscribe", channel="room:b")
+            assert unsubscribed["ok"] is True
+        # The web client closed with one subscription; the phone keeps one.
+        await _settled(
+            client,
+            lambda f: (
+                _gauge(f, "apix_connections", client_type="WEB_APP") == 0
+                and _gauge(f, "apix_connections", client_type="MOBILE_APP") == 1
+                and _gauge(f, "apix_subscriptions") == 1
+            ),
+        )
+    await _settled(
+        client,
+        lambda f: _gauge(f, "apix_connections") == 0 and _gauge(f, "apix_subscriptions") == 0,
+    )

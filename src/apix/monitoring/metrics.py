@@ -130,17 +130,13 @@ class _Snapshot(Collector):
             "apix_connections", "Open WebSocket connections on this node.", labels=["client_type"]
         )
         by_type: dict[str, int] = {}
-        subscriptions = 0
-        for connection in list(gateway.connections.values()):
-            record = connection.record
-            kind = record.client_type if record is not None else "unknown"
-            by_type[kind] = by_type.get(kind, 0) + 1
-            subscriptions += len(connection.subscriptions)
+        for (_, kind), n in gateway.census.items():
+            by_type[kind] = by_type.get(kind, 0) + n
         for kind, n in sorted(by_type.items()):
             connections.add_metric([kind], n)
         yield connections
         yield GaugeMetricFamily(
-            "apix_subscriptions", "Subscriptions on this node.", value=subscriptions
+            "apix_subscriptions", "Subscriptions on this node.", value=gateway.subscribed.total()
         )
         yield GaugeMetricFamily(
             "apix_channels", "Channels this node listens to.", value=gateway.hub.channel_count()

@@ -14,7 +14,7 @@ import contextlib
 import secrets
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Coroutine
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -162,6 +162,11 @@ class Gateway:
         # `monitor` events of this loop turn, per channel (`monitor_event`).
         self._monitor_events: dict[str, tuple[ChannelRef, list[tuple[str, Any]]]] = {}
         self._accepted = 0  # connections so far: deals them round the save slices
+        # Established connections per (organisation, client type), and subscriptions per
+        # organisation, kept as they come and go: what monitoring reports every few
+        # seconds, without counting every connection each time.
+        self.census: Counter[tuple[uuid.UUID, str]] = Counter()
+        self.subscribed: Counter[uuid.UUID] = Counter()
         self.closing = False
         # Set by the monitoring runtime: latency samples and delivery counts.
         self.probe: DeliveryProbe | None = None
@@ -526,7 +531,8 @@ class ClientConnection:
 
     async def _cleanup(self) -> None:
         gateway = self.gateway
-        gateway.connections.pop(self.id, None)
+        if gateway.connections.pop(self.id, None) is not None and self.record is not None:
+            _uncount(gateway.census, (self.record.org_id, self.record.client_type))
         gateway.slices[self.save_slice].pop(self.id, None)
         # Exact positions for a resume within the window, captured before the subscriptions
         # go (presence leaves are announced first; the session is written after).
@@ -735,6 +741,7 @@ class ClientConnection:
             metadata={"origin": self.origin} if self.origin else {},
         )
         gateway.connections[self.id] = self
+        gateway.census[(principal.org_id, command.client.type)] += 1
         gateway.slices[self.save_slice][self.id] = self
         if gateway.probe is not None:
             self.queue.label = Label(str(principal.org_id), command.client.type)
@@ -875,11 +882,15 @@ class ClientConnection:
             sub.on_deliver = self.gateway.redelivery.delivered
         self.subscriptions[channel.name] = sub
         self.filters[channel.name] = types
+        org = principal.org_id
+        assert org is not None  # noqa: S101 - `connect` refuses a principal without one
+        self.gateway.subscribed[org] += 1
         try:
             snapshot, recovered, replay = await self.gateway.attach(sub, since=since, last=last)
         except BaseException:
             self.subscriptions.pop(channel.name, None)
             self.filters.pop(channel.name, None)
+            _uncount(self.gateway.subscribed, org)
             raise
         if ack:
             # Everything up to the starting position counts as acknowledged; replayed
@@ -931,7 +942,9 @@ class ClientConnection:
 
     async def _drop_subscription(self, sub: Subscription, *, announce: bool) -> None:
         gateway = self.gateway
-        self.subscriptions.pop(sub.channel.name, None)
+        dropped = self.subscriptions.pop(sub.channel.name, None)
+        if dropped is not None and self.principal is not None:
+            _uncount(gateway.subscribed, self.principal.org_id)
         self.filters.pop(sub.channel.name, None)
         gateway.redelivery.forget(sub)
         with contextlib.suppress(Exception):
@@ -1134,3 +1147,12 @@ def _protocol_code(exc: AppError) -> str:
         "conflict": "conflict",
         "unrecoverable": "unrecoverable",
     }.get(exc.code, "bad_request" if exc.status_code < 500 else "internal")
+
+
+def _uncount(counter: Counter[Any], key: Any) -> None:
+    """One fewer of ``key``; a count that reaches zero goes (a gauge lists what is there)."""
+    left = counter[key] - 1
+    if left > 0:
+        counter[key] = left
+    else:
+        del counter[key]

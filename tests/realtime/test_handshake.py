@@ -99,7 +99,10 @@ _FIELDS: dict[str, tuple[st.SearchStrategy[str], st.SearchStrategy[str]]] = {
     "Origin": (st.sampled_from(["http://a.example", "null"]), st.just("")),
     "Content-Length": (st.just("0"), st.just("5")),
     "Transfer-Encoding": (st.just("chunked"), st.just("identity")),  # never in a handshake
-    "User-Agent": (st.just("hypothesis/1 (+tests)"), st.just("")),
+    "User-Agent": (
+        st.just("hypothesis/1 (+tests)"),
+        st.integers(8170, 8185).map(lambda n: "x" * n),  # around the line limit
+    ),
 }
 _NEEDED = {"Upgrade", "Connection", "Sec-WebSocket-Key", "Sec-WebSocket-Version"}
 
@@ -112,6 +115,8 @@ def upgrade_requests(draw: st.DrawFn) -> tuple[bytes, bool]:
     method = draw(st.sampled_from(["GET"] * 7 + ["POST"]))
     version = draw(st.sampled_from(["HTTP/1.1"] * 7 + ["HTTP/1.0"]))
     target = draw(st.sampled_from(["/api/v1/apix/ws", "/api/v1/apix/ws?x=1", "/other"]))
+    if draw(st.integers(0, 9)) == 0:  # around websockets' limit of 8,192 bytes a line
+        target = "/api/v1/apix/ws?q=" + "x" * draw(st.integers(8160, 8185))
     fields: list[tuple[str, str]] = []
     for name, (valid, invalid) in _FIELDS.items():
         odds = 9 if name in _NEEDED else 1 if name == "Transfer-Encoding" else 4
@@ -254,3 +259,21 @@ async def test_an_upgrade_with_a_body_is_not_upgraded(live: LiveServer) -> None:
     with pytest.raises(asyncio.IncompleteReadError) as closed:
         await _raw_upgrade(live.port, "Content-Length: 5\r\n")
     assert closed.value.partial == b""
+
+
+async def test_two_origin_headers_are_refused_and_the_node_serves_on(
+    client: httpx.AsyncClient, live: LiveServer
+) -> None:
+    extra = "Origin: http://a.example\r\nOrigin: http://b.example\r\n"
+    status, _, _, (_, writer) = await _raw_upgrade(live.port, extra)
+    writer.close()
+    assert status.startswith(b"HTTP/1.1 400 "), status
+    admin = await new_org_admin(client)
+    status, _, _, (reader, writer) = await _raw_upgrade(live.port, "")
+    try:
+        assert status == b"HTTP/1.1 101 Switching Protocols"
+        command = {"op": "connect", "id": 1, "token": admin.access_token}
+        data = json.dumps({**command, "client": {"type": "API_CLIENT"}}).encode()
+        assert (await _command(reader, writer, data))["ok"]
+    finally:
+        writer.close()

@@ -150,7 +150,12 @@ class ApixWebSocketProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         conn = self.conn
         if conn is None:  # the upgrade request: uvicorn passes it on in one piece
-            self._upgrade(data)
+            try:
+                self._upgrade(data)
+            except Exception:  # never out of uvicorn's hands with our protocol half set up
+                _log.exception("websocket: upgrade failed")
+                self._closed = True
+                self.transport.abort()
             return
         conn.receive_data(data)
         for event in conn.events_received():
@@ -276,7 +281,11 @@ class ApixWebSocketProtocol(asyncio.Protocol):
         """An upgrade request parsed by websockets (see `_upgrade`)."""
         handshake = self.conn
         assert isinstance(handshake, ServerProtocol)  # noqa: S101 - first event only
-        origin = request.headers.get("Origin")
+        origins = request.headers.get_all("Origin")
+        if len(origins) > 1:
+            self._refuse(400, "bad_request", "more than one Origin header")
+            return
+        origin = origins[0] if origins else None
         gateway = self._admit(request.path, origin)
         if gateway is None:
             return
@@ -433,7 +442,7 @@ _SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnect
 _HEADER_NAME = re.compile(rb"[-!#$%&\'*+.^_`|~0-9a-zA-Z]+")
 _HEADER_VALUE = re.compile(rb"[\x09\x20-\x7e\x80-\xff]*")
 _MAX_HEADERS = 128
-_MAX_LINE = 8192
+_MAX_LINE = 8192 - 2  # a line and its CRLF
 
 Upgrade = tuple[str, str | None, bytes, list[Extension], bytes]
 
@@ -451,7 +460,13 @@ def _plain_upgrade(data: bytes, deflate: bool) -> Upgrade | None:
     request_line, *lines = head.split(b"\r\n")
     method, _, target_version = request_line.partition(b" ")
     target, _, version = target_version.partition(b" ")
-    if not end or method != b"GET" or version != b"HTTP/1.1" or len(lines) > _MAX_HEADERS:
+    if (
+        not end
+        or method != b"GET"
+        or version != b"HTTP/1.1"
+        or len(request_line) > _MAX_LINE
+        or len(lines) > _MAX_HEADERS
+    ):
         return None
     headers: dict[bytes, str] = {}
     for line in lines:

@@ -108,7 +108,7 @@ def worker(
         if settings.database.migrate_on_start:
             migrations.upgrade(database_url, settings.database)
         main = run_worker(get_settings(), consumer=consumer)
-        if uvloop is None:
+        if uvloop is None or not hasattr(uvloop, "run"):  # uvloop.run: 0.18 and later
             asyncio.run(main)
         else:  # as `apix serve` runs (uvicorn's default loop where uvloop is installed)
             uvloop.run(main)

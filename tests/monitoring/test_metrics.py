@@ -154,7 +154,8 @@ async def _settled(client: httpx.AsyncClient, done: Callable[[dict[str, Any]], b
 async def test_connection_and_subscription_gauges_follow_them_as_they_come_and_go(
     client: httpx.AsyncClient, live: LiveServer
 ) -> None:
-    """Kept as they change (not counted at each scrape): every way in and out is seen."""
+    """Kept as they change (not counted at each scrape): connects, subscribes (and two
+    refused), an unsubscribe and closes with subscriptions open."""
     admin = await new_org_admin(client)
     async with connected(live.ws, admin.access_token, client={"type": "MOBILE_APP"}) as phone:
         await phone.subscribe("room:a")

@@ -441,8 +441,10 @@ class ClientConnection:
         }
 
     def positions(self) -> list[tuple[str, str]]:
-        """Where each subscription stands: what the session save loop compares."""
-        return [(s.last_offset, s.acked) for s in self.subscriptions.values()]
+        """Where each live subscription stands: what the session save loop compares. One
+        still being attached is left out: its `subscribe` saves the session once it is
+        live, so the loop cannot save it a second time meanwhile."""
+        return [(s.last_offset, s.acked) for s in self.subscriptions.values() if s.buffer is None]
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -917,12 +919,16 @@ class ClientConnection:
         self.record.channels = sorted(self.subscriptions)
         self._monitor("subscription.added", {"connection_id": self.id, "channel": sub.channel.name})
         self.saved_positions = self.positions()  # the save loop has nothing new to write
-        # One round trip for all three, shared with whatever else the node is doing.
-        await asyncio.gather(
-            gateway.registry.update_live(self.record),
-            gateway.registry.subscribed(sub.channel, self.id, True),
-            gateway.sessions.save([self]),
-        )
+        try:
+            # One round trip for all three, shared with whatever else the node is doing.
+            await asyncio.gather(
+                gateway.registry.update_live(self.record),
+                gateway.registry.subscribed(sub.channel, self.id, True),
+                gateway.sessions.save([self]),
+            )
+        except BaseException:
+            self.saved_positions = []  # not saved: the loop's next turn saves it
+            raise
 
     def _ack(self, command: AckCommand) -> None:
         channel = self._channel(command.channel)

@@ -4,8 +4,11 @@ ours (tests must not depend on `apix.client`)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
+import os
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -89,3 +92,48 @@ async def connected(url: str, token: str, **fields: Any) -> AsyncIterator[Raw]:
     async with raw_socket(url) as raw:
         await raw.connect(token, **fields)
         yield raw
+
+
+# --- by hand: a client that writes the upgrade request and its frames itself ------------
+
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def hand_upgrade(port: int, extra: str = "") -> tuple[bytes, str, Stream]:
+    """Send an upgrade request (``extra``: more header lines) to the gateway's path; the
+    answer's head (status line and headers), the key sent, and the open stream."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            "GET /api/v1/apix/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
+        ).encode()
+    )
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    except BaseException:
+        writer.close()
+        raise
+    return head, key, (reader, writer)
+
+
+async def hand_command(stream: Stream, command: dict[str, Any]) -> dict[str, Any]:
+    """Send ``command`` as one masked text frame (RFC 6455 section 5.2) and read the next
+    frame from the server as JSON."""
+    reader, writer = stream
+    data = json.dumps(command).encode()
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+    if len(data) < 126:
+        head = struct.pack("!BB", 0x81, 0x80 | len(data))
+    else:  # a 16-bit length
+        head = struct.pack("!BBH", 0x81, 0x80 | 126, len(data))
+    writer.write(head + mask + masked)
+    first = await asyncio.wait_for(reader.readexactly(2), 5)
+    size = first[1] & 0x7F
+    if size == 126:
+        size = struct.unpack("!H", await reader.readexactly(2))[0]
+    reply: dict[str, Any] = json.loads(await reader.readexactly(size))
+    return reply

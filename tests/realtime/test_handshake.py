@@ -11,10 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import json
 import os
-import struct
-from typing import Any
 
 import httpx
 import pytest
@@ -26,6 +23,7 @@ from websockets.server import ServerProtocol
 from apix.realtime.transport import _deflate, _plain_upgrade, _select_subprotocol
 from tests.conftest import LiveServer
 from tests.identity.factories import new_org_admin
+from tests.realtime.raw import Stream, hand_command, hand_upgrade
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -180,40 +178,10 @@ def test_bytes_after_the_request_are_kept_for_the_frame_parser() -> None:
 # --- on the wire ----------------------------------------------------------------------------
 
 
-Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
-
 async def _raw_upgrade(port: int, extra: str) -> tuple[bytes, dict[str, str], str, Stream]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        (
-            "GET /api/v1/apix/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
-        ).encode()
-    )
-    try:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    except BaseException:
-        writer.close()
-        raise
+    head, key, stream = await hand_upgrade(port, extra)
     status, fields = _headers(head)
-    return status, fields, key, (reader, writer)
-
-
-async def _command(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes
-) -> dict[str, Any]:
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-    writer.write(struct.pack("!BBH", 0x81, 0x80 | 126, len(data)) + mask + masked)
-    head = await asyncio.wait_for(reader.readexactly(2), 5)
-    size = head[1] & 0x7F
-    if size == 126:
-        size = struct.unpack("!H", await reader.readexactly(2))[0]
-    reply: dict[str, Any] = json.loads(await reader.readexactly(size))
-    return reply
+    return status, fields, key, stream
 
 
 @pytest.mark.parametrize(
@@ -239,8 +207,7 @@ async def test_an_upgrade_is_answered_by_the_rfc_and_the_socket_serves_commands(
         if "deflate" in extra:
             assert fields["sec-websocket-extensions"].startswith("permessage-deflate")
         command = {"op": "connect", "id": 1, "token": admin.access_token}
-        data = json.dumps({**command, "client": {"type": "API_CLIENT"}}).encode()
-        reply = await _command(reader, writer, data)
+        reply = await hand_command((reader, writer), {**command, "client": {"type": "API_CLIENT"}})
         assert reply["id"] == 1
         assert reply["ok"], reply
     finally:
@@ -273,7 +240,7 @@ async def test_two_origin_headers_are_refused_and_the_node_serves_on(
     try:
         assert status == b"HTTP/1.1 101 Switching Protocols"
         command = {"op": "connect", "id": 1, "token": admin.access_token}
-        data = json.dumps({**command, "client": {"type": "API_CLIENT"}}).encode()
-        assert (await _command(reader, writer, data))["ok"]
+        client = {"type": "API_CLIENT"}
+        assert (await hand_command((reader, writer), {**command, "client": client}))["ok"]
     finally:
         writer.close()

@@ -6,7 +6,6 @@ uvicorn's own WebSocket implementation."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import os
@@ -22,7 +21,7 @@ from apix.app import create_app
 from apix.realtime import transport
 from tests.conftest import LiveServer, Servers, make_settings, serve_app
 from tests.identity.factories import new_org_admin
-from tests.realtime.raw import connected, raw_socket
+from tests.realtime.raw import Stream, connected, hand_command, hand_upgrade, raw_socket
 
 
 async def test_an_upgrade_on_another_path_is_404_in_the_error_model(live: LiveServer) -> None:
@@ -88,23 +87,12 @@ def _client_frame(opcode: int, payload: bytes) -> bytes:
     return struct.pack("!BB", 0x80 | opcode, 0x80 | len(payload)) + mask + masked
 
 
-async def _upgrade(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        (
-            "GET /api/v1/apix/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    try:
-        status = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        assert status.startswith(b"HTTP/1.1 101"), status
-    except BaseException:
-        writer.close()
-        raise
-    return reader, writer
+async def _upgrade(port: int) -> Stream:
+    status, _, stream = await hand_upgrade(port)
+    if not status.startswith(b"HTTP/1.1 101"):
+        stream[1].close()
+    assert status.startswith(b"HTTP/1.1 101"), status
+    return stream
 
 
 async def _read_close_code(reader: asyncio.StreamReader) -> int:
@@ -194,16 +182,8 @@ async def test_a_raw_client_gets_its_reply_after_the_upgrade(
     reader, writer = await _upgrade(live.port)
     try:
         command = {"op": "connect", "id": 1, "token": admin.access_token}
-        data = json.dumps({**command, "client": {"type": "API_CLIENT"}}).encode()
         # Over 125 bytes: sent with a 16-bit length.
-        mask = os.urandom(4)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-        writer.write(struct.pack("!BBH", 0x81, 0x80 | 126, len(data)) + mask + masked)
-        head = await asyncio.wait_for(reader.readexactly(2), 5)
-        size = head[1] & 0x7F
-        if size == 126:
-            size = struct.unpack("!H", await reader.readexactly(2))[0]
-        reply = json.loads(await reader.readexactly(size))
+        reply = await hand_command((reader, writer), {**command, "client": {"type": "API_CLIENT"}})
         assert reply["id"] == 1
         assert reply["ok"], reply
     finally:

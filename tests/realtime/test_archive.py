@@ -148,6 +148,31 @@ async def archived_ack_states(
         await database.dispose()
 
 
+async def test_monitor_events_stay_in_redis_only(
+    client: httpx.AsyncClient, live: LiveServer, servers: Servers
+) -> None:
+    """`monitor` is live telemetry kept an hour in its stream: a connect storm must not
+    write a row per connect to the archive, while the organisation's other events still
+    reach it."""
+    admin = await new_org_admin(client)
+    async with connected(live.ws, admin.access_token) as watcher:
+        await watcher.subscribe("monitor")
+        async with connected(live.ws, admin.access_token) as member:
+            await member.subscribe("room:lobby")
+        seen = {e["type"] for e in await watcher.events(2, timeout=10)}
+        assert seen >= {"connection.established", "subscription.added"}, seen
+    await http_publish(client, admin.headers, "room:lobby", data="archived")
+    await wait_archived(servers, admin.org_id, 1)
+    # The monitor events were published first; give their batch time to arrive anyway.
+    await asyncio.sleep(1.0)
+    rows = await archived_rows(servers, admin.org_id)
+    assert [(r[0], r[5]) for r in rows] == [("room:lobby", "archived")]
+    history = await http_history(client, admin.headers, "monitor")
+    assert {"connection.established", "subscription.added"} <= {
+        e["type"] for e in history["events"]
+    }
+
+
 async def test_another_tenant_never_sees_archived_events(
     client: httpx.AsyncClient, servers: Servers
 ) -> None:

@@ -54,6 +54,7 @@ class Namespace:
     keyed: bool | None  # True: needs `:key`; False: no key; None: either
     priority: Priority = Priority.NORMAL
     platform_wide: bool = False
+    archived: bool = True  # False: the Redis stream (max_len, max_age_s) is all it keeps
 
 
 _DAY = 24 * 3600
@@ -76,7 +77,12 @@ NAMESPACES: dict[str, Namespace] = {
         Namespace(
             "system", Who.MEMBER, Who.NOBODY, Who.OPERATOR, 100, _DAY, False, platform_wide=True
         ),
-        Namespace("monitor", Who.ORG_ADMIN, Who.NOBODY, Who.NOBODY, 1000, 3600, False),
+        # Live telemetry (connections, subscriptions, alerts, dead letters), kept one hour:
+        # their records live elsewhere (the connection registry, alert and dead-letter
+        # tables), so the archive would only pay a row for every connect of a storm.
+        Namespace(
+            "monitor", Who.ORG_ADMIN, Who.NOBODY, Who.NOBODY, 1000, 3600, False, archived=False
+        ),
     ]
 }
 
@@ -92,8 +98,9 @@ class ChannelRef:
 
     @property
     def archived(self) -> bool:
-        """Whether the archive keeps this channel's events (tenant channels only)."""
-        return self.tenant != PLATFORM
+        """Whether the archive keeps this channel's events (tenant channels whose namespace
+        is archived: all but `monitor`)."""
+        return self.tenant != PLATFORM and self.namespace.archived
 
     @property
     def partition(self) -> int:

@@ -178,7 +178,9 @@ def run(args: argparse.Namespace) -> int:
 def _update(args: argparse.Namespace, path: Path, targets: list[str], scenarios: list[str]) -> int:
     """Re-run some scenarios into an existing results file (same profile), replacing them."""
     results: dict[str, Any] = json.loads(path.read_text())
-    profile = results["config"]
+    # A hand-written config may name only what it changes; the rest is the named profile's.
+    config = results["config"]
+    profile = {**(QUICK if config.get("name") == "quick" else FULL), **config}
     for scenario in scenarios:
         if scenario in ("fanout", "many", "two_nodes", "http", "held"):
             kept = [r for r in results.get(scenario, []) if r.get("target") not in targets]

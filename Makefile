@@ -10,7 +10,7 @@ run: $(STAMP)
 	$(BIN)/apix serve
 
 test: $(STAMP) lint
-	$(BIN)/pytest -n 2 --dist loadfile
+	$(BIN)/pytest -n 2 --dist loadfile --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

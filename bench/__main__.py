@@ -26,7 +26,7 @@ from typing import Any
 
 from bench import loadgen, report
 from bench.procs import REGISTRY, raise_fd_limit
-from bench.profiles import FULL, QUICK, SCENARIOS, TARGETS
+from bench.profiles import FULL, QUICK, SCENARIOS, TARGETS, resolve
 from bench.scenarios import SCENARIO_FUNCS, Context, log
 from bench.targets import all_targets
 
@@ -178,9 +178,9 @@ def run(args: argparse.Namespace) -> int:
 def _update(args: argparse.Namespace, path: Path, targets: list[str], scenarios: list[str]) -> int:
     """Re-run some scenarios into an existing results file (same profile), replacing them."""
     results: dict[str, Any] = json.loads(path.read_text())
-    # A hand-written config may name only what it changes; the rest is the named profile's.
-    config = results["config"]
-    profile = {**(QUICK if config.get("name") == "quick" else FULL), **config}
+    # A hand-written config may name only what it changes; the file keeps the whole of it,
+    # so the report reads the same settings the run used.
+    profile = results["config"] = resolve(results["config"])
     for scenario in scenarios:
         if scenario in ("fanout", "many", "two_nodes", "http", "held"):
             kept = [r for r in results.get(scenario, []) if r.get("target") not in targets]

@@ -41,4 +41,18 @@ QUICK: dict[str, Any] = {
     "profile": {"subscribers": 1_000, "rate": 50, "seconds": 8, "connect_connections": 2_000},
 }
 
+
+def resolve(config: dict[str, Any]) -> dict[str, Any]:
+    """A results file's config completed from its named profile (full, or quick with
+    `"name": "quick"`): what it leaves out, and a scenario's settings one level deep, so
+    `{"held": {"rounds": 3}}` keeps the profile's connection counts."""
+    base = QUICK if config.get("name") == "quick" else FULL
+    resolved = dict(base)
+    for key, value in config.items():
+        given = base.get(key)
+        both_dicts = isinstance(value, dict) and isinstance(given, dict)
+        resolved[key] = {**given, **value} if both_dicts else value
+    return resolved
+
+
 SCENARIOS = ["held", "fanout", "many", "http", "two_nodes", "profile"]

@@ -395,7 +395,7 @@ def _held(results: dict[str, Any], charts: dict[str, str]) -> list[str]:
         "RSS per connection = (server RSS after opening \u2212 RSS before) ÷ N; APIX's Redis and "
         "PostgreSQL are listed apart (“aux”), and so is the CPU they and the event archiver "
         "(`apix worker`) spent while the connections opened (each connect and subscribe "
-        "publishes two `monitor` events, which are archived)."
+        "publishes two `monitor` events; since the fifth session they are no longer archived)."
     )
     out.append("")
     table: list[list[str]] = []

@@ -158,7 +158,8 @@ class WorkerSettings(BaseModel):
     )
     archive: bool = Field(
         True,
-        description="Keep every tenant channel event in PostgreSQL (`apix_event`); stream "
+        description="Keep every tenant channel event (but `monitor`'s) in PostgreSQL "
+        "(`apix_event`); stream "
         "trimming waits until the archiver has written an event. False: Redis streams only.",
     )
     archive_batch: int = Field(

@@ -1,4 +1,5 @@
-"""The archiver: every tenant channel event, written once to PostgreSQL (`apix_event`).
+"""The archiver: every tenant channel event (but `monitor`'s), written once to PostgreSQL
+(`apix_event`).
 
 The publish script queues each event on its partition's archive stream (`archive_key`).
 Archivers read those streams through one consumer group. A partition is read by one

@@ -53,7 +53,8 @@ end
 # Trimming, with `incoming` events still to append, keeps the namespace's last `max_len`
 # events younger than `min_id`, but never drops an event the archiver has not written yet
 # (`archived` in the metadata): with an archive, `trimmed` never passes `archived`, so
-# whatever left the stream is in PostgreSQL.
+# whatever left the stream is in PostgreSQL. A channel that is not archived (`archive` is
+# "": `monitor`, `system`) is trimmed by count and age alone.
 _TRIM = """
 -- With an archive, nothing it does not hold yet may go: no trimming before its first mark,
 -- and never past `archived`. Only events up to that mark are read to find the cut, so a

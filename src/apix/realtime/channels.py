@@ -78,8 +78,8 @@ NAMESPACES: dict[str, Namespace] = {
             "system", Who.MEMBER, Who.NOBODY, Who.OPERATOR, 100, _DAY, False, platform_wide=True
         ),
         # Live telemetry (connections, subscriptions, alerts, dead letters), kept one hour:
-        # their records live elsewhere (the connection registry, alert and dead-letter
-        # tables), so the archive would only pay a row for every connect of a storm.
+        # what lasts of it is elsewhere (connection records, alert and dead-letter tables),
+        # and archiving it paid a row for every connect and subscribe of a storm.
         Namespace(
             "monitor", Who.ORG_ADMIN, Who.NOBODY, Who.NOBODY, 1000, 3600, False, archived=False
         ),

@@ -85,6 +85,23 @@ async def test_length_trimming_waits_for_the_archive_and_then_catches_up(redis: 
     ]
 
 
+async def test_monitor_trims_by_length_without_waiting_for_the_archive(redis: Redis) -> None:
+    """`monitor` is not archived: even on a node that archives, its stream keeps its last
+    `max_len` events at once, and nothing of it is queued for the archiver."""
+    broker = Broker(redis, source="test", archive=True)
+    namespace = dataclasses.replace(NAMESPACES["monitor"], max_len=3)
+    monitor = ChannelRef("monitor", namespace, None, str(uuid.uuid4()))
+    published = [await broker.publish(monitor, "t", {"n": n}) for n in range(6)]
+    snapshot = await broker.read(monitor, after="0-0")
+    assert [e.offset for e in snapshot.events] == [p.offset for p in published[3:]]
+    assert snapshot.trimmed == published[2].offset
+    assert snapshot.archived is None
+    queued = await redis.xrange(monitor.archive_key)
+    assert not [
+        e for _, e in queued if e[b"c"] == b"monitor" and e[b"t"] == monitor.tenant.encode()
+    ]
+
+
 async def test_a_publish_stays_cheap_however_far_the_archive_lags(redis: Redis) -> None:
     """The cut is looked for only among archived events: 30,000 unarchived events over the
     length limit must not be read on every publish (they were: ~5 ms of Redis per publish)."""

@@ -40,6 +40,25 @@ def test_percentiles_of_known_inputs_are_within_one_percent() -> None:
         assert measured == pytest.approx(expected, rel=0.01)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(
+        st.one_of(
+            st.integers(min_value=-1000, max_value=histograms.HIGHEST_US * 2),
+            st.integers(min_value=0, max_value=5000),  # the exact range and its first buckets
+        ),
+        max_size=2000,
+    )
+)
+def test_recording_in_bulk_gives_the_histogram_of_recording_one_by_one(values: list[int]) -> None:
+    one_by_one, bulk = _of(values), histograms.new()
+    histograms.record_many(bulk, values)
+    assert list(bulk.counts) == list(one_by_one.counts)
+    assert histograms.encode(bulk) == histograms.encode(one_by_one)
+    assert histograms.summary(bulk) == histograms.summary(one_by_one)
+    assert bulk.get_min_value() == one_by_one.get_min_value()
+
+
 def test_an_empty_histogram_has_no_percentiles() -> None:
     summary = histograms.summary(histograms.new())
     assert summary.as_dict() == {

@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from apix.monitoring.probe import Counts, Sample
+from apix.monitoring.store import group
 
 if TYPE_CHECKING:
     from apix.monitoring.runtime import MonitoringRuntime
@@ -100,14 +101,17 @@ class Metrics:
 
     def observe(self, samples: list[Sample], counts: Counts) -> None:
         """Fold one drained batch in (HTTP is observed by the middleware itself)."""
-        for metric, _org, d1, d2, micros in samples:
-            seconds = micros / 1_000_000
+        for (_org, metric, d1, d2), values in group(samples).items():
             if metric == "delivery":
-                self.delivery.labels(d1, d2).observe(seconds)
+                child = self.delivery.labels(d1, d2)
             elif metric == "rtt":
-                self.rtt.labels(d2).observe(seconds)
+                child = self.rtt.labels(d2)
             elif metric in ("redis", "postgres"):
-                self.round_trip.labels(metric).observe(seconds)
+                child = self.round_trip.labels(metric)
+            else:
+                continue
+            for micros in values:
+                child.observe(micros / 1_000_000)
         for (_org, name, dim), n in counts.items():
             counter = self.events.get(name)
             if counter is not None and n:

@@ -44,6 +44,14 @@ def node_key(node: str) -> str:
     return f"apix:mon:node:{node}"
 
 
+def group(samples: Iterable[Sample]) -> dict[HKey, list[int]]:
+    """Samples by (organisation, metric, d1, d2): their values, in order."""
+    grouped: dict[HKey, list[int]] = defaultdict(list)
+    for metric, org, d1, d2, micros in samples:
+        grouped[(org, metric, d1, d2)].append(micros)
+    return grouped
+
+
 def slot_of(now: float, resolution: int) -> int:
     return int(now // resolution)
 
@@ -68,12 +76,11 @@ class NodeSlots:
     def add(self, samples: Iterable[Sample], counts: Counts, now: float) -> None:
         slot_id = slot_of(now, 10)
         slot = self._slots.setdefault(slot_id, _Slot())
-        for metric, org, d1, d2, micros in samples:
-            key = (org, metric, d1, d2)
+        for key, values in group(samples).items():
             histogram = slot.hists.get(key)
             if histogram is None:
                 histogram = slot.hists[key] = histograms.new()
-            histograms.record(histogram, micros)
+            histograms.record_many(histogram, values)
         for ckey, n in counts.items():
             slot.counts[ckey] += n
         self._dirty.add(slot_id)

@@ -49,7 +49,7 @@ def record(histogram: HdrHistogram, micros: int) -> None:
 
 
 def record_many(histogram: HdrHistogram, values: Iterable[int]) -> None:
-    """Record ``values`` as `record` would, one by one, at about a quarter of the cost.
+    """Record ``values`` (integers) as `record` would, one by one, at about half the cost.
 
     A histogram only counts which bucket a value falls in. Each value is taken down to the
     lowest value of its bucket (the bucket's `unit << k` boundaries, as `hdrh` computes

@@ -159,8 +159,8 @@ class WorkerSettings(BaseModel):
     archive: bool = Field(
         True,
         description="Keep every tenant channel event (but `monitor`'s) in PostgreSQL "
-        "(`apix_event`); stream "
-        "trimming waits until the archiver has written an event. False: Redis streams only.",
+        "(`apix_event`); stream trimming waits until the archiver has written an event. "
+        "False: Redis streams only.",
     )
     archive_batch: int = Field(
         500, ge=1, le=10_000, description="Entries an archiver reads per partition per round."

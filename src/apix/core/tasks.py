@@ -16,11 +16,22 @@ from apix.core.logging import get_logger
 log = get_logger(__name__)
 
 
-async def stop_task(task: asyncio.Task[None], grace_s: float) -> None:
+async def stop_task(task: asyncio.Task[None], grace_s: float, *, interrupt: bool = False) -> None:
     """Wait a moment for a loop already told to stop (a flag it checks between rounds),
-    then cancel it: the last resort, for the reason above."""
+    then cancel it: the last resort, for the reason above.
+
+    ``interrupt``: the loop is idle in a read that loses nothing when cancelled (a pub/sub
+    poll), so it is cancelled at once instead of being waited out. Should redis-py swallow
+    that cancellation, the read still returns and the loop sees its flag.
+    """
+    if interrupt:
+        task.cancel()
     try:
         await asyncio.wait_for(asyncio.shield(task), grace_s)
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if not task.cancelled() or (current is not None and current.cancelling()):
+            raise  # our caller is being cancelled, not (only) the task
     except TimeoutError:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):

@@ -48,6 +48,7 @@ class Revocations:
         self._task: asyncio.Task[None] | None = None
         self._pubsub: WatchedPubSub | None = None
         self._stopping = False
+        self._polling = False  # waiting in `get_message`: safe to interrupt at stop
 
     @property
     def current(self) -> bool:
@@ -123,7 +124,7 @@ class Revocations:
         self._loaded = False
         self._stopping = True  # the watcher checks it between reads (a ping apart at most)
         if task is not None:
-            await stop_task(task, grace_s=2.0)
+            await stop_task(task, grace_s=2.0, interrupt=self._polling)
         if pubsub is not None:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -139,7 +140,11 @@ class Revocations:
             try:
                 if not pubsub.subscribed:
                     await pubsub.subscribe(CHANGES)
-                message = await pubsub.get_message(timeout=_PING_S)
+                self._polling = True
+                try:
+                    message = await pubsub.get_message(timeout=_PING_S)
+                finally:
+                    self._polling = False
                 now = loop.time()
                 if message is not None:
                     self._heard = now

@@ -93,6 +93,7 @@ class Hub:
         self._reader: asyncio.Task[None] | None = None
         self._confirmations: dict[str, asyncio.Future[None]] = {}
         self._stopping = False
+        self._polling = False  # waiting in `get_message`: safe to interrupt at stop
         self._control: dict[str, Callable[[dict[str, Any]], None]] = {}
         self.stats = HubStats()
         # Called when the pub/sub connection broke (announcements may have been missed).
@@ -104,12 +105,13 @@ class Hub:
         self._reader = asyncio.create_task(self._read(), name="apix-hub-reader")
 
     async def stop(self) -> None:
-        # The reader checks this between reads (at most a short poll away); cancelling it
-        # mid-command is the fallback, since redis-py may swallow that cancellation.
+        # The reader checks this between reads; one waiting for news is interrupted at
+        # once. Cancelling it mid-command is the fallback, since redis-py may swallow that
+        # cancellation.
         self._stopping = True
         reader, self._reader = self._reader, None
         if reader is not None:
-            await stop_task(reader, grace_s=2.0)
+            await stop_task(reader, grace_s=2.0, interrupt=self._polling)
         with contextlib.suppress(Exception):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
@@ -186,7 +188,11 @@ class Hub:
     async def _read(self) -> None:
         while not self._stopping:
             try:
-                message = await self._pubsub.get_message(timeout=0.2)
+                self._polling = True
+                try:
+                    message = await self._pubsub.get_message(timeout=0.2)
+                finally:
+                    self._polling = False
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

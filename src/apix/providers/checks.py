@@ -68,10 +68,11 @@ async def check_all(
 
 
 async def check(rt: ProvidersRuntime, config: ProviderConfig) -> CheckResult:
+    adapter = await adapter_for(config)
     started = time.perf_counter()
     error: ProviderCallError | None = None
     try:
-        await adapter_for(config).ping()
+        await adapter.ping()
     except ProviderCallError as exc:
         error = exc
     latency_ms = round((time.perf_counter() - started) * 1000, 3)

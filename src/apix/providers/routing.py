@@ -36,7 +36,7 @@ from tenacity import (
 from apix.core.logging import get_logger
 from apix.infra.database import UnitOfWork
 from apix.providers import repository, usage
-from apix.providers.adapters import adapter_for
+from apix.providers.adapters import Adapter, adapter_for
 from apix.providers.errors import (
     NoPrimaryProvider,
     NoProviderAvailable,
@@ -295,11 +295,12 @@ async def _on_provider(
         reraise=True,
     )
     opened: _Opened | None = None
+    adapter = await adapter_for(config)
     async for attempt in retrying:
         with attempt:
             started = time.perf_counter()
             try:
-                opened = await _open(config, request, started)
+                opened = await _open(adapter, request, started)
             except ProviderCallError as exc:
                 health = await _failed(rt, config, request, agent_id, exc, started)
                 circuit_opened = health.circuit != "closed"
@@ -317,9 +318,9 @@ class _Opened:
     started: float
 
 
-async def _open(config: ProviderConfig, request: ChatRequest, started: float) -> _Opened:
+async def _open(adapter: Adapter, request: ChatRequest, started: float) -> _Opened:
     """Start the provider's stream and wait for its first chunk (where most failures show)."""
-    chunks = adapter_for(config).stream(request)
+    chunks = adapter.stream(request)
     try:
         first = await anext(chunks)
     except StopAsyncIteration:

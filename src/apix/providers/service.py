@@ -314,12 +314,13 @@ async def try_provider(
         return ProviderTestResult(
             ok=False, provider_id=row.id, model=model, latency_ms=0.0, error=_call_error(exc)
         )
+    adapter = await adapter_for(config)
     started = time.perf_counter()
     parts: list[str] = []
     first_token_ms: float | None = None
     end: StreamEnd | None = None
     try:
-        async for chunk in adapter_for(config).stream(request):
+        async for chunk in adapter.stream(request):
             if isinstance(chunk, TextDelta):
                 first_token_ms = first_token_ms or _since(started)
                 parts.append(chunk.text)

@@ -2,7 +2,7 @@
 
 Servers come from ``APIX_TEST_DATABASE_URL`` / ``APIX_TEST_REDIS_URL`` when set (CI), else
 embedded ones are started for the session. Each worker's database is created fresh from the
-migrations; after every test the tables are truncated and the Redis db flushed, so tests
+migrations; after every test the tables are emptied and the Redis db flushed, so tests
 pass in any order.
 """
 
@@ -23,9 +23,9 @@ import httpx
 import pytest
 import uvicorn
 from redis.asyncio import Redis
-from sqlalchemy import text
+from sqlalchemy import Table, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from apix.app import create_app
@@ -169,14 +169,14 @@ async def _clean_state(request: pytest.FixtureRequest) -> AsyncIterator[None]:
         return
     servers: Servers = request.getfixturevalue("servers")
     load_all_models()
-    tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    tables = Base.metadata.sorted_tables
     if tables:
         engine = create_async_engine(async_url(servers.database_url), poolclass=NullPool)
         try:
             async with engine.begin() as conn:
                 # Fail loudly, not hang, if a test left a transaction holding a lock.
                 await conn.execute(text("SET LOCAL lock_timeout = '15s'"))
-                await conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+                await _empty(conn, tables)
         finally:
             await engine.dispose()
     redis = Redis.from_url(servers.redis_url)
@@ -184,6 +184,20 @@ async def _clean_state(request: pytest.FixtureRequest) -> AsyncIterator[None]:
         await redis.flushdb()
     finally:
         await redis.aclose()
+
+
+async def _empty(conn: AsyncConnection, tables: list[Table]) -> None:
+    """Delete every row. A test leaves a few rows in a few tables, and TRUNCATE makes every
+    table's files anew (about 4 ms a table, a tenth of a second per test); a superuser's
+    DELETE in replica mode sees no trigger, foreign key or row policy. Other roles, whose
+    DELETE row policies would filter, TRUNCATE."""
+    if await conn.scalar(text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")):
+        await conn.execute(text("SET LOCAL session_replication_role = replica"))
+        for table in tables:
+            await conn.execute(table.delete())
+    else:
+        names = ", ".join(f'"{t.name}"' for t in tables)
+        await conn.execute(text(f"TRUNCATE {names} CASCADE"))
 
 
 @pytest.fixture

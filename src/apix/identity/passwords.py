@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -17,8 +18,6 @@ class Passwords:
             memory_cost=settings.argon2_memory_kib,
             parallelism=settings.argon2_parallelism,
         )
-        # Verified against when the account does not exist, so both paths cost the same.
-        self._dummy = self._hasher.hash("apix-timing-equaliser")
 
     async def hash(self, password: str) -> str:
         # argon2 takes tens of milliseconds of CPU: keep it off the event loop.
@@ -29,6 +28,12 @@ class Passwords:
 
     def needs_rehash(self, stored: str) -> bool:
         return self._hasher.check_needs_rehash(stored)
+
+    @functools.cached_property
+    def _dummy(self) -> str:
+        """Verified against when the account does not exist, so both paths cost the same.
+        Made on first need (in the verifying thread): a hash is tens of milliseconds."""
+        return self._hasher.hash("apix-timing-equaliser")
 
     def _verify(self, stored: str | None, password: str) -> bool:
         try:

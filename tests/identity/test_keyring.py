@@ -1,0 +1,37 @@
+"""The signing-key folder: each file is parsed once per version of it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from apix.identity.keys import KeyRing, generate
+
+
+def test_a_key_file_replaced_under_the_same_name_is_read_anew(tmp_path: Path) -> None:
+    folder = tmp_path / "keys"
+    first = generate(folder)
+    ring = KeyRing(folder)
+    ring.load(create_if_empty=False)
+    assert ring.current.public_jwk()["n"] == first.public_jwk()["n"]
+
+    # Another key written over the file (as a restore from backup would), same name.
+    other = generate(tmp_path / "other")
+    path = folder / f"{first.kid}.pem"
+    shutil.copyfile(tmp_path / "other" / f"{other.kid}.pem", path)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    ring.load(create_if_empty=False)
+    assert ring.current.kid == first.kid
+    assert ring.current.public_jwk()["n"] == other.public_jwk()["n"]
+
+
+def test_a_file_that_is_not_an_rsa_key_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    (folder / "bad.pem").write_text("not a key")
+    with pytest.raises(ValueError, match="Unable to load PEM"):
+        KeyRing(folder).load(create_if_empty=False)

@@ -30,7 +30,7 @@ from apix.core.tasks import Periodic
 from apix.infra.database import Database
 from apix.infra.redis import AutoPipeline
 from apix.realtime.channels import ChannelRef, org_uuid
-from apix.realtime.models import ApixChannel, ApixConnection
+from apix.realtime.models import ApixChannel
 
 log = get_logger(__name__)
 
@@ -82,6 +82,47 @@ def _audit_changes(seen: list[tuple[ConnectionRecord, list[str], bool]]) -> dict
             if len(items) > _AUDIT_LIST_MAX:
                 changes[f"{name}_more"] = len(items) - _AUDIT_LIST_MAX
     return changes
+
+
+# One statement for any number of rows, the columns as arrays: SQLAlchemy's executemany
+# processed every row and column in Python and sent a new multi-row VALUES per batch size.
+# After a storm of 10,000 connects, that insert was 8% of the node's CPU.
+_UPSERT_CONNECTIONS = """
+INSERT INTO apix_connection (org_id, id, user_id, api_key_id, client_type, client_name,
+                             client_version, node, channels, metadata, status, connected_at,
+                             last_heartbeat_at, disconnected_at, close_code)
+SELECT $1::uuid, r.*
+FROM unnest($2::text[], $3::uuid[], $4::uuid[], $5::text[], $6::text[], $7::text[],
+            $8::text[], $9::jsonb[], $10::jsonb[], $11::text[], $12::timestamptz[],
+            $13::timestamptz[], $14::timestamptz[], $15::int[]) AS r
+ON CONFLICT (id) DO UPDATE SET
+    channels = EXCLUDED.channels,
+    status = EXCLUDED.status,
+    last_heartbeat_at = EXCLUDED.last_heartbeat_at,
+    disconnected_at = EXCLUDED.disconnected_at,
+    close_code = EXCLUDED.close_code
+"""
+_ROWS_PER_UPSERT = 5_000
+
+
+def _connection_columns(records: list[ConnectionRecord]) -> list[list[Any]]:
+    """The upsert's arrays, in its column order (after `org_id`)."""
+    return [
+        [r.id for r in records],
+        [r.user_id for r in records],
+        [r.api_key_id for r in records],
+        [r.client_type for r in records],
+        [r.client_name for r in records],
+        [r.client_version for r in records],
+        [r.node for r in records],
+        [dumps(r.channels).decode() for r in records],
+        [dumps(r.metadata).decode() for r in records],
+        [r.status for r in records],
+        [r.connected_at for r in records],
+        [r.last_heartbeat_at for r in records],
+        [r.disconnected_at for r in records],
+        [r.close_code for r in records],
+    ]
 
 
 def _conn_key(connection_id: str) -> str:
@@ -316,43 +357,12 @@ class Registry:
                     details={"node": self.node, **changes},
                 )
             if records:
-                rows = [
-                    {
-                        "id": r.id,
-                        "org_id": r.org_id,
-                        "user_id": r.user_id,
-                        "api_key_id": r.api_key_id,
-                        "client_type": r.client_type,
-                        "client_name": r.client_name,
-                        "client_version": r.client_version,
-                        "node": r.node,
-                        "channels": r.channels,
-                        "metadata": r.metadata,
-                        "status": r.status,
-                        "connected_at": r.connected_at,
-                        "last_heartbeat_at": r.last_heartbeat_at,
-                        "disconnected_at": r.disconnected_at,
-                        "close_code": r.close_code,
-                    }
-                    for r in records
-                ]
-                stmt = insert(ApixConnection)
-                await uow.session.execute(
-                    stmt.on_conflict_do_update(
-                        index_elements=[ApixConnection.id],
-                        set_={
-                            name: stmt.excluded[name]
-                            for name in (
-                                "channels",
-                                "status",
-                                "last_heartbeat_at",
-                                "disconnected_at",
-                                "close_code",
-                            )
-                        },
-                    ),
-                    rows,
-                )
+                connection = await uow.session.connection()
+                driver = (await connection.get_raw_connection()).driver_connection
+                assert driver is not None  # noqa: S101 - an open connection
+                for start in range(0, len(records), _ROWS_PER_UPSERT):
+                    chunk = records[start : start + _ROWS_PER_UPSERT]
+                    await driver.execute(_UPSERT_CONNECTIONS, org, *_connection_columns(chunk))
             if channels:
                 now = datetime.now(UTC)
                 async with self.redis.pipeline(transaction=False) as pipe:

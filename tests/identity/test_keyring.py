@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from apix.identity.keys import KeyRing, generate
 
@@ -20,10 +20,9 @@ def test_a_key_file_replaced_under_the_same_name_is_read_anew(tmp_path: Path) ->
 
     # Another key written over the file (as a restore from backup would), same name.
     other = generate(tmp_path / "other")
-    path = folder / f"{first.kid}.pem"
-    shutil.copyfile(tmp_path / "other" / f"{other.kid}.pem", path)
-    stat = path.stat()
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    (folder / f"{first.kid}.pem").write_bytes(
+        (tmp_path / "other" / f"{other.kid}.pem").read_bytes()
+    )
     ring.load(create_if_empty=False)
     assert ring.current.kid == first.kid
     assert ring.current.public_jwk()["n"] == other.public_jwk()["n"]
@@ -32,6 +31,15 @@ def test_a_key_file_replaced_under_the_same_name_is_read_anew(tmp_path: Path) ->
 def test_a_file_that_is_not_an_rsa_key_is_refused(tmp_path: Path) -> None:
     folder = tmp_path / "keys"
     folder.mkdir()
-    (folder / "bad.pem").write_text("not a key")
+    (folder / "ec.pem").write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    with pytest.raises(RuntimeError, match="is not an RSA private key"):
+        KeyRing(folder).load(create_if_empty=False)
+    (folder / "ec.pem").write_text("not a key")
     with pytest.raises(ValueError, match="Unable to load PEM"):
         KeyRing(folder).load(create_if_empty=False)

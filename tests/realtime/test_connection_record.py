@@ -14,7 +14,7 @@ from sqlalchemy import select
 from apix.identity.runtime import IdentityRuntime
 from apix.realtime.models import ApixConnection
 from tests.conftest import LiveServer
-from tests.identity.factories import new_org_admin
+from tests.identity.factories import new_api_key, new_org_admin
 from tests.realtime.raw import raw_socket
 
 
@@ -40,9 +40,10 @@ async def test_records_hold_what_each_connection_said_and_how_it_ended(
         raw_socket(live.ws) as second,
         raw_socket(live.ws) as third,
     ):
-        sockets = [first, second, third]
-        for raw, info in zip(sockets, clients, strict=True):
-            ids.append((await raw.connect(admin.access_token, client=info))["connection_id"])
+        key = await new_api_key(client, admin, role="DEVELOPER")
+        tokens = [admin.access_token, admin.access_token, key["key"]]
+        for raw, token, info in zip([first, second, third], tokens, clients, strict=True):
+            ids.append((await raw.connect(token, client=info))["connection_id"])
         await first.subscribe("room:a")
         await first.subscribe("room:b")
         await second.subscribe("room:b")
@@ -66,13 +67,15 @@ async def test_records_hold_what_each_connection_said_and_how_it_ended(
         assert api.channels == []
         assert web.metadata_ == {"origin": "https://app.example"}
         assert api.metadata_ == {}
+        for row in (web, mobile):
+            assert (str(row.user_id), row.api_key_id) == (admin.user_id, None)
+        assert (api.user_id, str(api.api_key_id)) == (None, key["id"])
         for row in rows.values():
             assert str(row.org_id) == admin.org_id
-            assert str(row.user_id) == admin.user_id
-            assert row.api_key_id is None
             assert row.node == live.app.state.gateway.node
             assert row.status == "CONNECTED"
             assert row.connected_at is not None
+            assert row.last_heartbeat_at == row.connected_at  # set at the connect
             assert row.disconnected_at is None
             assert row.close_code is None
 

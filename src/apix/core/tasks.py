@@ -23,19 +23,18 @@ async def stop_task(task: asyncio.Task[None], grace_s: float, *, interrupt: bool
     ``interrupt``: the loop is idle in a read that loses nothing when cancelled (a pub/sub
     poll), so it is cancelled at once instead of being waited out. Should redis-py swallow
     that cancellation, the read still returns and the loop sees its flag.
+
+    Only the caller's own cancellation propagates (`asyncio.wait` raises nothing else), so
+    a stop made during a cancelled caller's clean-up still completes.
     """
     if interrupt:
         task.cancel()
-    try:
-        await asyncio.wait_for(asyncio.shield(task), grace_s)
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if not task.cancelled() or (current is not None and current.cancelling()):
-            raise  # our caller is being cancelled, not (only) the task
-    except TimeoutError:
+    done, _ = await asyncio.wait({task}, timeout=grace_s)
+    if not done:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            await asyncio.wait_for(task, 1.0)
+        done, _ = await asyncio.wait({task}, timeout=1.0)
+    if done and not task.cancelled() and (error := task.exception()) is not None:
+        log.error("background task failed", task=task.get_name(), exc_info=error)
 
 
 class Periodic:

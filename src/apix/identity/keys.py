@@ -20,6 +20,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from jwt.algorithms import RSAAlgorithm
 
 # Reload the folder at most this often when unknown `kid`s arrive (they may be forgeries).
@@ -109,17 +110,15 @@ def _read_folder(folder: Path) -> list[SigningKey]:
         return []
     keys = []
     for path in sorted(folder.glob("*.pem")):
-        stat = path.stat()
-        private_key = _parse(path, stat.st_ino, stat.st_mtime_ns, stat.st_size)
-        keys.append(SigningKey(path.stem, private_key, stat.st_mtime))
+        private_key = _parse(path.read_bytes())
+        if not isinstance(private_key, rsa.RSAPrivateKey):
+            raise RuntimeError(f"{path} is not an RSA private key")
+        keys.append(SigningKey(path.stem, private_key, path.stat().st_mtime))
     return keys
 
 
-@functools.lru_cache(maxsize=64)
-def _parse(path: Path, inode: int, mtime_ns: int, size: int) -> rsa.RSAPrivateKey:
-    """The key in ``path``, parsed once per version of the file: parsing checks the RSA key,
-    tens of milliseconds each, and a reload for an unknown `kid` reads the whole folder."""
-    private_key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if not isinstance(private_key, rsa.RSAPrivateKey):
-        raise RuntimeError(f"{path} is not an RSA private key")
-    return private_key
+@functools.lru_cache(maxsize=32)
+def _parse(pem: bytes) -> PrivateKeyTypes:
+    """A key file's contents, parsed once per process: parsing checks the RSA key (tens of
+    milliseconds), and a reload for an unknown `kid` reads the whole folder again."""
+    return serialization.load_pem_private_key(pem, password=None)

@@ -6,7 +6,8 @@ SDK or the network under it, comes out as a typed `ProviderCallError`. The SDKs'
 are off: the routing layer retries (tenacity) and fails over.
 
 Each kind's adapter lives in its own module (`adapter_openai`, `adapter_anthropic`), imported
-on the first call to a provider of that kind, in a thread so the event loop keeps serving:
+on the first call to a provider of that kind, in a thread so the event loop is not blocked
+outright (the import holds the GIL most of the time, so the loop runs slower meanwhile):
 the two SDKs are more than half of the application's import time, which every node, worker
 and CLI process paid at start whether or not it ever called a provider.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import sys
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Protocol
 
 import httpx2
@@ -47,15 +48,21 @@ class Adapter(Protocol):
         ...
 
 
+# Adapter classes whose module has finished importing. `sys.modules` would not do: it holds
+# a module from the start of its import, before the class exists.
+_loaded: dict[tuple[str, str], Callable[[ProviderConfig], Adapter]] = {}
+
+
 async def adapter_for(config: ProviderConfig) -> Adapter:
     """The adapter for ``config``'s kind; the first of a kind imports its SDK (in a thread,
-    before the caller starts timing the call)."""
-    name, cls = _ADAPTERS.get(config.kind, _OPENAI)
-    module = sys.modules.get(name)
-    if module is None:
-        module = await asyncio.to_thread(importlib.import_module, name)
-    adapter: Adapter = getattr(module, cls)(config)
-    return adapter
+    before the caller starts timing the call). Calls made meanwhile wait for that import
+    (Python's import lock), then share it."""
+    where = _ADAPTERS.get(config.kind, _OPENAI)
+    factory = _loaded.get(where)
+    if factory is None:
+        module = await asyncio.to_thread(importlib.import_module, where[0])
+        factory = _loaded[where] = getattr(module, where[1])
+    return factory(config)
 
 
 def _sdk_errors(name: str) -> tuple[type[BaseException], ...]:

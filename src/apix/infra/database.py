@@ -16,9 +16,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 from sqlalchemy import MetaData, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -172,3 +174,12 @@ async def current_revision(conn: Any) -> str | None:
         return None
     row = (await conn.execute(text("SELECT version_num FROM alembic_version"))).first()
     return None if row is None else str(row[0])
+
+
+async def driver_of(conn: AsyncConnection) -> asyncpg.Connection:
+    """The asyncpg connection under ``conn``, in its transaction: for statements that send
+    whole columns as arrays (`INSERT … SELECT FROM unnest(…)`), which SQLAlchemy's
+    executemany would take apart row by row."""
+    driver = (await conn.get_raw_connection()).driver_connection
+    assert driver is not None  # noqa: S101 - an open connection
+    return driver

@@ -34,7 +34,7 @@ from apix.config import WorkerSettings
 from apix.core.json import dumps, loads
 from apix.core.logging import get_logger
 from apix.core.tasks import Periodic
-from apix.infra.database import Database
+from apix.infra.database import Database, driver_of
 from apix.realtime.broker import Broker, StoredEvent, event_payload, offset_key
 from apix.realtime.channels import (
     PARTITIONS,
@@ -234,8 +234,7 @@ class Archiver:
         }
         if rows:
             async with self.database.engine.begin() as conn:
-                driver = (await conn.get_raw_connection()).driver_connection
-                assert driver is not None  # noqa: S101 - an open connection
+                driver = await driver_of(conn)
                 for org_id, org_rows in rows.items():
                     # The archive is under row-level security like every tenant table.
                     await conn.execute(

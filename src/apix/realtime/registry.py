@@ -27,7 +27,7 @@ from apix.audit.service import RequestMeta
 from apix.core.json import dumps, loads
 from apix.core.logging import get_logger
 from apix.core.tasks import Periodic
-from apix.infra.database import Database
+from apix.infra.database import Database, driver_of
 from apix.infra.redis import AutoPipeline
 from apix.realtime.channels import ChannelRef, org_uuid
 from apix.realtime.models import ApixChannel
@@ -357,9 +357,7 @@ class Registry:
                     details={"node": self.node, **changes},
                 )
             if records:
-                connection = await uow.session.connection()
-                driver = (await connection.get_raw_connection()).driver_connection
-                assert driver is not None  # noqa: S101 - an open connection
+                driver = await driver_of(await uow.session.connection())
                 for start in range(0, len(records), _ROWS_PER_UPSERT):
                     chunk = records[start : start + _ROWS_PER_UPSERT]
                     await driver.execute(_UPSERT_CONNECTIONS, org, *_connection_columns(chunk))

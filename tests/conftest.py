@@ -38,6 +38,7 @@ from apix.config import (
     Settings,
     WorkerSettings,
 )
+from apix.core.http_protocol import HTTP_PROTOCOL
 from apix.infra import migrate
 from apix.infra.database import Base, async_url
 from apix.infra.embedded import EmbeddedServers
@@ -237,6 +238,7 @@ async def serve_app(
     config = uvicorn.Config(
         app,
         lifespan="off",
+        http=HTTP_PROTOCOL,
         ws=ws,
         ws_max_size=settings.realtime.max_frame_bytes,
         ws_ping_interval=None,

@@ -15,6 +15,7 @@ from pydantic import BaseModel, SecretStr, TypeAdapter
 from apix import __version__
 from apix.audit.cli import audit_cli
 from apix.config import Settings, get_settings
+from apix.core.http_protocol import HTTP_PROTOCOL
 from apix.core.logging import configure_logging, get_logger
 from apix.infra import migrate as migrations
 from apix.infra.embedded import EmbeddedServers
@@ -71,6 +72,7 @@ def serve(
             access_log=False,
             server_header=False,
             proxy_headers=True,
+            http=HTTP_PROTOCOL,
             ws=WS_PROTOCOL,
             ws_max_size=settings.realtime.max_frame_bytes,
             ws_ping_interval=None,  # the protocol's own ping/pong measures and enforces liveness

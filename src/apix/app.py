@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import cast
 
 import fastapi_offline
 from fastapi import FastAPI, Request
@@ -15,7 +16,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.routing import WebSocketRoute
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from apix import __version__
 from apix.agents import openai_compat
@@ -123,9 +124,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.embedded = frozenset(filter(None, os.environ.get(EMBEDDED_ENV, "").split(",")))
 
     install_error_handlers(app)
-    # Added first, so innermost (`add_middleware` prepends): CORS, latency and the request
-    # context still wrap HTTP publish.
-    app.add_middleware(PublishFastPath, fastapi=app)
     if settings.server.allowed_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -142,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes=settings.server.max_body_bytes,
         on_api_call=api_usage.hit,
     )
+    app.publish = PublishFastPath(fastapi=app)
     app.include_router(system_router)
     app.include_router(identity_router.router)
     app.include_router(identity_router.keys_router)
@@ -160,22 +159,47 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 class _Apix(FastAPI):
-    """FastAPI, except that WebSocket upgrades to the gateway go straight to it.
+    """FastAPI, except that two hot paths skip what they do not need.
 
-    They need none of the HTTP middleware, and matching them against every route cost
-    about a tenth of the CPU of a connect in the benchmark's profile. Taking them here, not
-    in a middleware, also keeps the middleware's suspended frames out of every open
-    connection's memory. The route stays registered for anything that looks it up.
+    - WebSocket upgrades to the gateway go straight to it. They need none of the HTTP
+      middleware, and matching them against every route cost about a tenth of the CPU of a
+      connect in the benchmark's profile. Taking them here, not in a middleware, also keeps
+      the middleware's suspended frames out of every open connection's memory. The route
+      stays registered for anything that looks it up.
+    - HTTP publish goes to its fast path (`apix.realtime.fastpath`) inside APIX's own
+      middleware (request context, latency, CORS: `user_middleware`, so the same instances'
+      settings), without the layers FastAPI and Starlette put around them, which have
+      nothing to do for it and cost a wrapper each for every message of every request.
     """
 
+    publish: PublishFastPath | None = None  # set by `create_app`
+    _publish_stack: ASGIApp | None = None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket" and scope["path"] in (
+        kind = scope["type"]
+        if kind == "http":
+            if self.root_path:  # as `FastAPI.__call__` sets it
+                scope["root_path"] = self.root_path
+            if self.publish is not None and self.publish.take(scope):
+                await self._published(scope, receive, send)
+                return
+        elif kind == "websocket" and scope["path"] in (
             WS_PATH,
             scope.get("root_path", "") + WS_PATH,
         ):
             await self.state.gateway(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
+
+    async def _published(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stack = self._publish_stack
+        if stack is None:  # built on first use, as Starlette builds its own stack
+            stack = cast(ASGIApp, self.publish)
+            for cls, args, kwargs in reversed(self.user_middleware):
+                stack = cls(stack, *args, **kwargs)
+            self._publish_stack = stack
+        scope["app"] = self  # as `Starlette.__call__` sets it
+        await stack(scope, receive, send)
 
 
 class _WebSocketEndpoint:

@@ -25,7 +25,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from apix.config import MonitoringSettings, Settings
 from apix.realtime import service
-from apix.realtime.fastpath import PublishFastPath
 from apix.realtime.schemas import PublishRequest, PublishResult
 from tests.conftest import LiveServer, Servers, make_settings, serve_app
 from tests.identity.factories import Account, new_api_key, new_member, new_org_admin
@@ -56,17 +55,11 @@ def settings(servers: Servers) -> Settings:
 
 
 def fastapi_only(app: FastAPI) -> ASGIApp:
-    """The app without the fast path: the same state, routes and middleware otherwise."""
-    kept = app.user_middleware
-    app.user_middleware = [m for m in kept if m.cls is not PublishFastPath]
-    try:
-        stack = app.build_middleware_stack()
-    finally:
-        app.user_middleware = kept
+    """The app without the fast path: FastAPI's own handling of every request, with the same
+    state, routes and middleware."""
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
-        scope["app"] = app  # what `FastAPI.__call__` sets before its middleware stack
-        await stack(scope, receive, send)
+        await FastAPI.__call__(app, scope, receive, send)
 
     return asgi
 
@@ -366,6 +359,25 @@ async def test_other_requests_still_reach_the_routes(
                 assert response.status_code == 201, (path, response.text)
             response = await edge.post("/edge" + events_url("Room"), headers=admin.headers)
             assert response.status_code == 422
+
+
+async def test_publish_is_answered_by_the_fast_path_only(
+    app: Any, http: httpx.AsyncClient, admin: Account, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    taken: list[str] = []
+    answer = app.publish._publish
+
+    async def counted(request: Any, channel: str, send: Send) -> None:
+        taken.append(channel)
+        await answer(request, channel, send)
+
+    monkeypatch.setattr(app.publish, "_publish", counted)
+    response = await http.post(events_url("room:fast"), headers=admin.headers, json={"type": "a"})
+    assert response.status_code == 201
+    assert taken == ["room:fast"]
+    response = await http.get(events_url("room:fast"), headers=admin.headers)
+    assert response.status_code == 200
+    assert taken == ["room:fast"]
 
 
 async def test_a_backend_outage_is_503(

@@ -127,7 +127,7 @@ class Revocations:
             await stop_task(task, grace_s=2.0, interrupt=self._polling)
         if pubsub is not None:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed since redis 8.2
 
     def _dropped(self) -> None:
         # Announcements may have been missed: ask Redis until the copy is loaded again.

@@ -113,7 +113,7 @@ class Hub:
         if reader is not None:
             await stop_task(reader, grace_s=2.0, interrupt=self._polling)
         with contextlib.suppress(Exception):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed since redis 8.2
 
     def on_control(self, key: str, handler: Callable[[dict[str, Any]], None]) -> None:
         """Call ``handler`` with each JSON message published on ``key`` (node control)."""

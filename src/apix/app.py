@@ -38,7 +38,7 @@ from apix.infra.database import Database
 from apix.infra.migrate import head_revision
 from apix.infra.redis import create_redis
 from apix.monitoring import router as monitoring_router
-from apix.monitoring.http import HttpLatencyMiddleware
+from apix.monitoring.http import latency_observer
 from apix.monitoring.runtime import MonitoringRuntime
 from apix.providers import router as providers_router
 from apix.realtime import router as realtime_router
@@ -133,12 +133,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "X-APIX-Run-Id", "X-APIX-Session-Id"],
             max_age=600,
         )
-    app.add_middleware(HttpLatencyMiddleware, state=app.state)
     app.state.api_usage = api_usage = ApiUsage()
     app.add_middleware(
         RequestContextMiddleware,
         max_body_bytes=settings.server.max_body_bytes,
-        on_api_call=api_usage.hit,
+        on_response=[latency_observer(app.state), api_usage.observe],
     )
     app.publish = PublishFastPath(fastapi=app)
     app.include_router(system_router)

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
+from starlette.types import Scope
 
 from apix.analytics.models import ApiMinute, EventMinute
 from apix.core.logging import get_logger
@@ -61,6 +62,13 @@ class ApiUsage:
 
     def hit(self, org_id: uuid.UUID, api_key_id: uuid.UUID, status: int) -> None:
         self._counts[(org_id, api_key_id, minute_of(datetime.now(UTC)), status >= 400)] += 1
+
+    def observe(self, scope: Scope, status: int, _seconds: float) -> None:
+        """Counts a request made with an API key (the request-context middleware's observer;
+        authentication leaves the key in the scope's state)."""
+        api_key = scope["state"].get("api_key")
+        if api_key is not None:
+            self.hit(api_key[0], api_key[1], status)
 
     def start(self, database: Database) -> None:
         self._loop = Periodic("apix-api-usage", _FLUSH_S, lambda: self.flush(database))

@@ -1,15 +1,18 @@
-"""Pure ASGI middleware: request ids, one access log line, body limit, last-resort 500.
+"""Pure ASGI middleware: request ids, one access log line, body limit, last-resort 500,
+and the observers told of every answered request (latency metrics, API-key usage).
 
 Kept as raw ASGI (not `BaseHTTPMiddleware`) so streaming responses and WebSockets pass
-through untouched and the per-request cost stays a few attribute lookups.
+through untouched and the per-request cost stays a few attribute lookups. One layer does
+all of it: each further layer would wrap every message of every request again.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import structlog
 from fastapi import HTTPException
@@ -32,16 +35,18 @@ class _BodyTooLarge(HTTPException):
         super().__init__(413, f"request body larger than {limit} bytes")
 
 
-OnApiCall = Callable[[uuid.UUID, uuid.UUID, int], None]
+# Told of each HTTP request once it is answered: its scope (with `route` when routing
+# matched one), the status sent and the seconds it took.
+OnResponse = Callable[[Scope, int, float], None]
 
 
 class RequestContextMiddleware:
     def __init__(
-        self, app: ASGIApp, *, max_body_bytes: int, on_api_call: OnApiCall | None = None
+        self, app: ASGIApp, *, max_body_bytes: int, on_response: Sequence[OnResponse] = ()
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
-        self.on_api_call = on_api_call  # (org, API key, status) of requests made with a key
+        self.on_response = tuple(on_response)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -63,7 +68,7 @@ class RequestContextMiddleware:
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
             await _send_error(send, 413, TooLarge.code, _too_large_message(self), header_value)
-            _access(scope, 413, started)
+            self._answered(scope, 413, started)
             return
 
         received = 0
@@ -107,10 +112,20 @@ class RequestContextMiddleware:
                     details={"request_id": request_id},
                 )
         finally:
-            _access(scope, status, started)
-            api_key = scope["state"].get("api_key")
-            if api_key is not None and self.on_api_call is not None:
-                self.on_api_call(api_key[0], api_key[1], status)
+            self._answered(scope, status, started)
+
+    def _answered(self, scope: Scope, status: int, started: float) -> None:
+        seconds = time.perf_counter() - started
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "request",
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                duration_ms=round(seconds * 1000, 3),
+            )
+        for observe in self.on_response:
+            observe(scope, status, seconds)
 
 
 def _request_id(scope: Scope) -> str:
@@ -155,13 +170,3 @@ async def _send_error(
         }
     )
     await send({"type": "http.response.body", "body": body})
-
-
-def _access(scope: Scope, status: int, started: float) -> None:
-    log.info(
-        "request",
-        method=scope["method"],
-        path=scope["path"],
-        status=status,
-        duration_ms=round((time.perf_counter() - started) * 1000, 3),
-    )

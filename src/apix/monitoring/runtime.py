@@ -18,6 +18,7 @@ import uuid
 from collections import defaultdict
 from typing import Any
 
+from prometheus_client import Counter, Histogram
 from redis.asyncio import Redis
 from sqlalchemy import text
 
@@ -60,6 +61,7 @@ return 0
 
 
 _SAMPLES_PER_SLICE = 500  # about 1 ms of work between two turns of the loop
+_HTTP_LABEL_SETS = 4096  # Prometheus children kept at hand by (method, route, status)
 
 
 class MonitoringRuntime:
@@ -79,6 +81,7 @@ class MonitoringRuntime:
         self.probe = DeliveryProbe(sample_every=self.config.delivery_sample_every)
         self.slots = store.NodeSlots(self.process)
         self.metrics = Metrics(self)
+        self._http_metrics: dict[tuple[str, str, int], tuple[Histogram, Counter]] = {}
         self.evaluator = Evaluator(redis, database, self.config, self._publish_alert)
         self.archive_backlog: dict[str, Any] | None = None
         self.leader = False
@@ -121,8 +124,18 @@ class MonitoringRuntime:
 
     def http_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.probe.http(route, method, seconds)
-        self.metrics.http.labels(method, route).observe(seconds)
-        self.metrics.http_requests.labels(method, route, str(status)).inc()
+        key = (method, route, status)
+        metrics = self._http_metrics.get(key)
+        if metrics is None:  # `labels()` checks and locks on every call: look up once
+            metrics = (
+                self.metrics.http.labels(method, route),
+                self.metrics.http_requests.labels(method, route, str(status)),
+            )
+            if len(self._http_metrics) < _HTTP_LABEL_SETS:  # clients choose the method
+                self._http_metrics[key] = metrics
+        duration, requests = metrics
+        duration.observe(seconds)
+        requests.inc()
 
     async def push(self) -> None:
         """Fold the probe's batch into this node's slots and write them to Redis."""

@@ -166,9 +166,11 @@ class _Apix(FastAPI):
       the middleware's suspended frames out of every open connection's memory. The route
       stays registered for anything that looks it up.
     - HTTP publish goes to its fast path (`apix.realtime.fastpath`) inside APIX's own
-      middleware (request context, latency, CORS: `user_middleware`, so the same instances'
-      settings), without the layers FastAPI and Starlette put around them, which have
-      nothing to do for it and cost a wrapper each for every message of every request.
+      middleware (request context, CORS: built from `user_middleware`, so with the same
+      classes and settings), without the layers FastAPI and Starlette put around them,
+      which have nothing to do for it and cost a wrapper each for every message of every
+      request. FastAPI's own OpenTelemetry is the exception: when a tracing, metrics or
+      logs provider is configured, publish takes FastAPI's path, traced like any route.
     """
 
     publish: PublishFastPath | None = None  # set by `create_app`
@@ -179,7 +181,7 @@ class _Apix(FastAPI):
         if kind == "http":
             if self.root_path:  # as `FastAPI.__call__` sets it
                 scope["root_path"] = self.root_path
-            if self.publish is not None and self.publish.take(scope):
+            if self.publish is not None and self.publish.take(scope) and not self._traced():
                 await self._published(scope, receive, send)
                 return
         elif kind == "websocket" and scope["path"] in (
@@ -189,6 +191,11 @@ class _Apix(FastAPI):
             await self.state.gateway(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
+
+    def _traced(self) -> bool:
+        # FastAPI asks the same on every request (it may be configured once serving).
+        telemetry = getattr(self, "_native_telemetry", None)
+        return telemetry is not None and bool(telemetry.enabled())
 
     async def _published(self, scope: Scope, receive: Receive, send: Send) -> None:
         stack = self._publish_stack

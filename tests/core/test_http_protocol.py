@@ -4,6 +4,7 @@ answers are compared byte for byte with uvicorn's own httptools protocol."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import socket
 import struct
@@ -50,6 +51,11 @@ async def app(scope: Any, receive: Any, send: Any) -> None:
         headers = [(b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+        return
+    if path == "/slow-stream":  # a stream whose first chunk takes its time
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await asyncio.sleep(0.5)
+        await send({"type": "http.response.body", "body": b"late", "more_body": False})
         return
     plan = PLANS[int(path.rsplit("/", 1)[1])]
     headers = list(plan.headers)
@@ -156,21 +162,25 @@ def test_answers_are_byte_for_byte_uvicorns(
 def test_keep_alive_and_pipelined_requests_are_answered_in_order(
     uvicorns: tuple[Server, Server],
 ) -> None:
-    ours, _ = uvicorns
     paths = [plan(Plan(chunks=[f'{{"n": {i}}}'.encode()])) for i in range(3)]
     head = plan(Plan(chunks=[b"never sent"]))
     requests = [f"GET {p} HTTP/1.1\r\nhost: t\r\n\r\n".encode() for p in paths]
     requests.insert(1, f"HEAD {head} HTTP/1.1\r\nhost: t\r\n\r\n".encode())
-    with ours.connect() as sock:
-        sock.sendall(b"".join(requests))  # pipelined: all four before any answer
-        received = b""
-        while received.count(b"HTTP/1.1 200 OK") < 4 or not received.endswith(b'{"n": 2}'):
-            chunk = sock.recv(65536)
-            assert chunk, f"the connection closed early: {received!r}"
-            received += chunk
-    bodies = [part.split(b"\r\n\r\n", 1)[1] for part in received.split(b"HTTP/1.1 ")[1:]]
+    answers = []
+    for server in uvicorns:
+        with server.connect() as sock:
+            sock.sendall(b"".join(requests))  # pipelined: all four before any answer
+            received = b""
+            while received.count(b"HTTP/1.1 200 OK") < 4 or not received.endswith(b'{"n": 2}'):
+                chunk = sock.recv(65536)
+                assert chunk, f"the connection closed early: {received!r}"
+                received += chunk
+        answers.append(received)
+    ours, stock = answers
+    assert ours == stock
+    bodies = [part.split(b"\r\n\r\n", 1)[1] for part in ours.split(b"HTTP/1.1 ")[1:]]
     assert bodies == [b'{"n": 0}', b"", b'{"n": 1}', b'{"n": 2}']
-    assert b"never sent" not in received
+    assert b"never sent" not in ours
 
 
 def test_100_continue_is_written_before_the_body_is_read(uvicorns: tuple[Server, Server]) -> None:
@@ -199,6 +209,21 @@ def test_an_app_failing_after_the_head_still_sends_it_then_closes(
     assert answer == exchange(stock, request)
     assert answer.startswith(b"HTTP/1.1 201 Created\r\n")
     assert answer.endswith(b"\r\n\r\n")  # the head, and no body
+
+
+def test_a_stream_gets_its_head_before_its_first_chunk(uvicorns: tuple[Server, Server]) -> None:
+    ours, _ = uvicorns
+    with ours.connect() as sock:
+        sock.settimeout(0.3)  # the chunk comes after 0.5 s
+        sock.sendall(b"GET /slow-stream HTTP/1.1\r\nhost: t\r\n\r\n")
+        head = sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert head.endswith(b"transfer-encoding: chunked\r\n\r\n")
+        sock.settimeout(5)
+        rest = b""
+        while not rest.endswith(b"0\r\n\r\n"):
+            rest += sock.recv(65536)
+    assert rest == b"4\r\nlate\r\n0\r\n\r\n"
 
 
 def _data_segments(sock: socket.socket) -> tuple[int, int]:

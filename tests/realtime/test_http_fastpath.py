@@ -364,6 +364,7 @@ async def test_other_requests_still_reach_the_routes(
 async def test_publish_is_answered_by_the_fast_path_only(
     app: Any, http: httpx.AsyncClient, admin: Account, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Publish goes to the fast path, not through FastAPI's stack; other requests do not."""
     taken: list[str] = []
     answer = app.publish._publish
 
@@ -371,13 +372,30 @@ async def test_publish_is_answered_by_the_fast_path_only(
         taken.append(channel)
         await answer(request, channel, send)
 
+    stacked: list[str] = []
+    app.middleware_stack = app.build_middleware_stack()
+    stack = app.middleware_stack
+
+    async def entered(scope: Scope, receive: Receive, send: Send) -> None:
+        stacked.append(f"{scope['method']} {scope['path']}")
+        await stack(scope, receive, send)
+
     monkeypatch.setattr(app.publish, "_publish", counted)
-    response = await http.post(events_url("room:fast"), headers=admin.headers, json={"type": "a"})
+    monkeypatch.setattr(app, "middleware_stack", entered)
+    url = events_url("room:fast")
+    response = await http.post(url, headers=admin.headers, json={"type": "a"})
+    assert response.status_code == 201
+    assert (taken, stacked) == (["room:fast"], [])
+    response = await http.get(url, headers=admin.headers)
+    assert response.status_code == 200
+    assert (taken, stacked) == (["room:fast"], [f"GET {url}"])
+
+    # With FastAPI's own telemetry on (a provider configured), publish is FastAPI's to trace.
+    monkeypatch.setattr(app._native_telemetry, "enabled", lambda: True)
+    response = await http.post(url, headers=admin.headers, json={"type": "a"})
     assert response.status_code == 201
     assert taken == ["room:fast"]
-    response = await http.get(events_url("room:fast"), headers=admin.headers)
-    assert response.status_code == 200
-    assert taken == ["room:fast"]
+    assert stacked[-1] == f"POST {url}"
 
 
 async def test_a_backend_outage_is_503(

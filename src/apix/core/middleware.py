@@ -9,9 +9,9 @@ all of it: each further layer would wrap every message of every request again.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Sequence
 
 import structlog
@@ -36,7 +36,9 @@ class _BodyTooLarge(HTTPException):
 
 
 # Told of each HTTP request once it is answered: its scope (with `route` when routing
-# matched one), the status sent and the seconds it took.
+# matched one), the status and the seconds it took. The status is the one sent, except
+# that a request whose app failed counts as 500 even if a response had started; a body
+# refused as too large (413) before any routing is `unmatched` in the latency metrics.
 OnResponse = Callable[[Scope, int, float], None]
 
 
@@ -125,14 +127,17 @@ class RequestContextMiddleware:
                 duration_ms=round(seconds * 1000, 3),
             )
         for observe in self.on_response:
-            observe(scope, status, seconds)
+            try:
+                observe(scope, status, seconds)
+            except Exception:  # the answer is sent: a failing observer costs only its record
+                log.exception("a response observer failed", observer=repr(observe))
 
 
 def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == REQUEST_ID_HEADER and _VALID_REQUEST_ID.match(value):
             return str(value.decode())
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # 128 random bits, as a uuid4's hex without its cost
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -1,8 +1,9 @@
 """HTTP latency per route: an observer the request-context middleware tells of each request.
 
 The route is the matched template (`/api/v1/apix/channels/{channel}/events`), read from the
-scope once routing is done, so label sets stay bounded; unmatched paths count as
-`unmatched`. The time goes to the node's histograms and to Prometheus.
+scope once routing is done, so label sets stay bounded; requests no route took (unknown
+paths, and bodies refused as too large before routing) count as `unmatched`. The time goes
+to the node's histograms and to Prometheus.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ class PublishFastPath:
 
     def take(self, scope: Scope) -> bool:
         """Whether this is an HTTP publish; if so, the scope gets the route and its channel,
-        as Starlette's routing would set them (the latency middleware labels requests with
+        as Starlette's routing would set them (the latency observer labels requests with
         `scope["route"].path`)."""
         if scope["method"] != "POST":
             return False

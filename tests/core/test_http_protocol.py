@@ -54,7 +54,7 @@ async def app(scope: Any, receive: Any, send: Any) -> None:
         return
     if path == "/slow-stream":  # a stream whose first chunk takes its time
         await send({"type": "http.response.start", "status": 200, "headers": []})
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)
         await send({"type": "http.response.body", "body": b"late", "more_body": False})
         return
     plan = PLANS[int(path.rsplit("/", 1)[1])]
@@ -214,7 +214,7 @@ def test_an_app_failing_after_the_head_still_sends_it_then_closes(
 def test_a_stream_gets_its_head_before_its_first_chunk(uvicorns: tuple[Server, Server]) -> None:
     ours, _ = uvicorns
     with ours.connect() as sock:
-        sock.settimeout(0.3)  # the chunk comes after 0.5 s
+        sock.settimeout(0.8)  # the chunk comes after 1 s
         sock.sendall(b"GET /slow-stream HTTP/1.1\r\nhost: t\r\n\r\n")
         head = sock.recv(65536)
         assert head.startswith(b"HTTP/1.1 200 OK\r\n")

@@ -7,12 +7,12 @@ from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
-import asyncpg
 from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.types import Scope
 
-from apix.analytics.models import ApiMinute
+from apix.analytics.models import ApiMinute, EventMinute
 from apix.core.logging import get_logger
 from apix.core.tasks import Periodic
 from apix.infra.database import Database
@@ -26,23 +26,13 @@ def minute_of(at: datetime) -> datetime:
     return at.replace(second=0, microsecond=0)
 
 
-# One statement for a batch's minutes, whatever their number: the columns go as arrays.
-_COUNT_EVENTS = """
-INSERT INTO analytics_event_minute AS m (org_id, minute, namespace, type, count)
-SELECT $1, u.minute, u.namespace, u.type, u.count
-FROM unnest($2::timestamptz[], $3::text[], $4::text[], $5::bigint[])
-     AS u(minute, namespace, type, count)
-ON CONFLICT (org_id, minute, namespace, type) DO UPDATE SET count = m.count + excluded.count
-"""
-
-
 async def count_events(
-    driver: asyncpg.Connection, org_id: uuid.UUID, rows: Iterable[tuple[str, str, datetime]]
+    conn: AsyncConnection, org_id: uuid.UUID, rows: Iterable[tuple[str, str, datetime]]
 ) -> None:
     """Add (channel, type, created_at) rows just archived to the organisation's minutes.
 
-    Called on the archiver's connection, in its transaction, with the rows the insert
-    actually wrote, so an event counts once however often its archive entry is written.
+    Called in the archiver's transaction with the rows the insert actually wrote, so an
+    event counts once however often its archive entry is written.
     """
     counts = Counter(
         (minute_of(created), channel.partition(":")[0], event_type)
@@ -50,14 +40,16 @@ async def count_events(
     )
     if not counts:
         return
-    keys = list(counts)
-    await driver.execute(
-        _COUNT_EVENTS,
-        org_id,
-        [minute for minute, _, _ in keys],
-        [namespace for _, namespace, _ in keys],
-        [event_type for _, _, event_type in keys],
-        list(counts.values()),
+    values = [
+        {"org_id": org_id, "minute": m, "namespace": ns, "type": t, "count": n}
+        for (m, ns, t), n in counts.items()
+    ]
+    statement = insert(EventMinute).values(values)
+    await conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=["org_id", "minute", "namespace", "type"],
+            set_={"count": EventMinute.count + statement.excluded.count},
+        )
     )
 
 

@@ -245,7 +245,7 @@ class Archiver:
                         columns = [[row[c] for row in chunk] for c in _COLUMNS]
                         written = await driver.fetch(_INSERT, org_id, *columns)
                         # Only rows written now count, so a rewrite never counts twice.
-                        await count_events(driver, org_id, [tuple(r) for r in written])
+                        await count_events(conn, org_id, [tuple(r) for r in written])
         await self.broker.mark_archived([(m, e, o) for m, (e, o) in positions.items()])
         by_stream: dict[str, list[str]] = defaultdict(list)
         for key, entry_id, _fields in entries:

@@ -19,6 +19,7 @@ import pytest
 import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from starlette.requests import Request
 
 from apix.core.http_protocol import HTTP_PROTOCOL
 
@@ -42,12 +43,7 @@ async def app(scope: Any, receive: Any, send: Any) -> None:
     assert scope["type"] == "http"
     path = scope["path"]
     if path == "/echo":  # reads the body first: `Expect: 100-continue` is answered then
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await Request(scope, receive).body()
         headers = [(b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})

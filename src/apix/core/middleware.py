@@ -23,6 +23,8 @@ from apix.core.json import dumps
 from apix.core.logging import get_logger
 
 log = get_logger("apix.http")
+# The standard library logger under `log`: asked for its level whatever structlog wraps it in.
+_stdlib_log = logging.getLogger("apix.http")
 
 REQUEST_ID_HEADER = b"x-request-id"
 _VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
@@ -118,7 +120,7 @@ class RequestContextMiddleware:
 
     def _answered(self, scope: Scope, status: int, started: float) -> None:
         seconds = time.perf_counter() - started
-        if log.isEnabledFor(logging.INFO):
+        if _stdlib_log.isEnabledFor(logging.INFO):
             log.info(
                 "request",
                 method=scope["method"],

@@ -194,7 +194,8 @@ async def test_since_recovers_from_the_archive_once_the_stream_has_trimmed(
     redis = Redis.from_url(servers.redis_url)
     try:
         stream = f"{channel_prefix(admin.org_id, channel)}:s"
-        assert await redis.xlen(stream) == MAX_LEN, "archived events are trimmed"
+        # Archived events are trimmed, back to MAX_LEN once over by more than 1/128.
+        assert MAX_LEN <= await redis.xlen(stream) <= MAX_LEN + MAX_LEN // 128
     finally:
         await redis.aclose()
     # Event 3's position is long gone from Redis: the archive fills the gap, in order.

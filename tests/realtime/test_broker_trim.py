@@ -7,6 +7,8 @@ import dataclasses
 import time
 import uuid
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from apix.realtime.broker import Broker, offset_key
@@ -119,3 +121,83 @@ async def test_a_publish_stays_cheap_however_far_the_archive_lags(redis: Redis) 
     elapsed = time.perf_counter() - started
     assert await redis.xlen(channel.stream_key) == 30_100  # only the archived one went
     assert elapsed < 0.25, f"100 publishes took {elapsed:.3f} s"
+
+
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    max_len=st.integers(1, 400),
+    batches=st.lists(st.integers(1, 300), min_size=1, max_size=5),
+)
+async def test_a_stream_keeps_its_last_max_len_events_and_at_most_1_128_more(
+    redis: Redis, max_len: int, batches: list[int]
+) -> None:
+    """Cut back to `max_len` in batches: never fewer than the last `max_len`, never more than
+    1/128 over, and `trimmed` is always the event just before the first one kept, so a
+    position is recovered exactly when everything after it is still there."""
+    broker = Broker(redis, source="test", archive=False)
+    channel = _channel(max_len=max_len)
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(channel.pubsub_channel)
+    await pubsub.get_message(timeout=1.0)  # the confirmation
+    offsets: list[str] = []  # of every event, from the announcements
+    sent = 0
+    try:
+        for size in batches:
+            sent += size
+            if size == 1:
+                await broker.publish(channel, "t", {})
+            else:
+                broker.publish_many_nowait(channel, [("t", {})] * size)
+            while len(offsets) < sent:
+                message = await pubsub.get_message(timeout=2.0)
+                assert message is not None, "an announcement is missing"
+                if message["type"] == "message":
+                    offsets.append(message["data"].split(b" ")[2].decode())
+            snapshot = await broker.read(channel, after="0-0")
+            kept = [e.offset for e in snapshot.events]
+            assert min(len(offsets), max_len) <= len(kept) <= max_len + max_len // 128
+            assert kept == offsets[-len(kept) :]
+            if len(kept) == len(offsets):
+                assert snapshot.trimmed is None
+            else:
+                assert snapshot.trimmed == offsets[-len(kept) - 1]
+                assert snapshot.covers(snapshot.trimmed, None)
+                assert not snapshot.covers(offsets[0], None) or len(kept) == len(offsets) - 1
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
+
+
+async def test_a_channel_at_its_limit_is_cut_back_once_every_max_len_128_publishes(
+    redis: Redis,
+) -> None:
+    broker = Broker(redis, source="test", archive=False)
+    channel = _channel(max_len=256)  # cut once over by more than 2
+    lengths = []
+    for _ in range(300):
+        await broker.publish(channel, "t", {})
+        lengths.append(await redis.xlen(channel.stream_key))
+    assert lengths[:256] == list(range(1, 257))
+    # 257, 258, then the publish that would make 259 cuts back to 256: one cut in three.
+    assert lengths[256:] == [257, 258, 256] * 14 + [257, 258]
+
+
+async def test_the_keys_live_for_their_time_to_live_after_a_publish(redis: Redis) -> None:
+    """A publish keeps the stream and its metadata for (about) the namespace's age limit plus
+    a day; the time to live is renewed once a sixty-fourth of it has passed."""
+    broker = Broker(redis, source="test", archive=False)
+    channel = _channel(max_age_s=3600)
+    ttl_ms = (3600 + 24 * 3600) * 1000
+    await broker.publish(channel, "t", {})
+    for key in (channel.stream_key, channel.meta_key):
+        assert ttl_ms * 63 // 64 < await redis.pttl(key) <= ttl_ms
+    # As if an hour had passed since the last renewal: both keys are down to less than a
+    # sixty-fourth short of it, and the next publish renews them.
+    renewed = int(await redis.hget(channel.meta_key, "ttl") or 0)
+    await redis.hset(channel.meta_key, "ttl", renewed - 3_600_000)
+    for key in (channel.stream_key, channel.meta_key):
+        await redis.pexpire(key, ttl_ms - 3_600_000)
+    await broker.publish(channel, "t", {})
+    for key in (channel.stream_key, channel.meta_key):
+        assert ttl_ms * 63 // 64 < await redis.pttl(key) <= ttl_ms

@@ -38,57 +38,99 @@ end
 # Shared by the publish scripts. KEYS[1] meta, KEYS[2] stream; ARGV[1] epoch candidate,
 # ARGV[2] max_len, ARGV[3] min_id.
 #
-# The channel's epoch: a new one if there was none or the stream was lost since the last
-# publish.
+# The channel's metadata in one read, and its epoch: a new one if there was none or the
+# stream was lost since the last publish (it has a `last` event, but no stream; `XLEN` is 0
+# for a missing stream, so `EXISTS` is asked only then). Every `redis.call` costs a script
+# about a microsecond of Redis's time beyond the command itself, so a publish makes as few
+# as it can: the fields it changes are written at the end in one `HSET` (`fields`).
 _OPEN_STREAM = """
-local epoch = redis.call('HGET', meta, 'epoch')
-local lost = redis.call('EXISTS', stream) == 0 and redis.call('HEXISTS', meta, 'last') == 1
-if (not epoch) or lost then
+local state = redis.call('HMGET', meta, 'epoch', 'last', 'archived', 'trimmed', 'oldest', 'ttl')
+local epoch, archived, trimmed, oldest, refreshed = state[1], state[3], state[4], state[5], state[6]
+local len = redis.call('XLEN', stream)
+if (not epoch) or (len == 0 and state[2] and redis.call('EXISTS', stream) == 0) then
   epoch = ARGV[1]
   redis.call('DEL', meta, stream)
   redis.call('HSET', meta, 'epoch', epoch)
+  archived, trimmed, oldest, refreshed, len = false, false, false, false, 0
 end
+local fields = {}
 """
 
-# Trimming, with `incoming` events still to append, keeps the namespace's last `max_len`
-# events younger than `min_id`, but never drops an event the archiver has not written yet
-# (`archived` in the metadata): with an archive, `trimmed` never passes `archived`, so
-# whatever left the stream is in PostgreSQL. A channel that is not archived (`archive` is
-# "": `monitor`, `system`) is trimmed by count and age alone.
+# Trimming, with `incoming` events appended or still to append, keeps the namespace's last
+# `max_len` events younger than `min_id`, but never drops an event the archiver has not
+# written yet (`archived` in the metadata): with an archive, `trimmed` never passes
+# `archived`, so whatever left the stream is in PostgreSQL. A channel that is not archived
+# (`archive` is "": `monitor`, `system`) is trimmed by count and age alone.
+#
+# By count, a stream is cut back to `max_len` once it holds more than 1/128 over it (as
+# Redis's own `MAXLEN ~` trims in whole nodes): a channel at its limit pays for the cut once
+# every `max_len / 128` publishes, not on each (once in 8 at 1,000 events); a limit under 128
+# is kept exactly.
+#
+# The age check reads the stream's first event only when it may have aged: `oldest` is the
+# first event the last check found young, and trimming only ever makes the first event
+# younger, so while `min_id` is older than `oldest` nothing is past the age limit.
 _TRIM = """
 -- With an archive, nothing it does not hold yet may go: no trimming before its first mark,
 -- and never past `archived`. Only events up to that mark are read to find the cut, so a
 -- publish stays cheap however far the archiver has fallen behind.
-local archived = archive ~= '' and redis.call('HGET', meta, 'archived')
 local cut = nil
 if archive == '' or archived then
-  local len = redis.call('XLEN', stream)
-  local over = len - tonumber(ARGV[2]) + incoming
-  if over > 0 then
+  local max_len = tonumber(ARGV[2])
+  local over = len - max_len + incoming
+  if over > math.floor(max_len / 128) then
     local victims = redis.call('XRANGE', stream, '-', archived or '+', 'COUNT', over)
     if #victims > 0 then
       cut = victims[#victims][1]
     end
   end
-  -- Only when the oldest event is past the age limit: a reverse range that matches nothing
-  -- makes Redis walk the whole stream backwards (260 µs a publish at 8,000 events).
-  local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
-  if #first > 0 and older(first[1][1], ARGV[3]) then
-    local old = redis.call('XREVRANGE', stream, '(' .. ARGV[3], '-', 'COUNT', 1)
-    if #old > 0 and (cut == nil or older(cut, old[1][1])) then
-      cut = old[1][1]
+  if (not oldest) or not older(ARGV[3], oldest) then
+    -- Only when the oldest event is past the age limit: a reverse range that matches
+    -- nothing makes Redis walk the whole stream backwards (260 µs a publish at 8,000
+    -- events).
+    local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+    if #first > 0 and older(first[1][1], ARGV[3]) then
+      local old = redis.call('XREVRANGE', stream, '(' .. ARGV[3], '-', 'COUNT', 1)
+      if #old > 0 and (cut == nil or older(cut, old[1][1])) then
+        cut = old[1][1]
+      end
+    elseif #first > 0 then
+      fields[#fields + 1], fields[#fields + 2] = 'oldest', first[1][1]
     end
   end
   if cut and archived and older(archived, cut) then
     cut = archived
   end
 end
-if cut then
-  local trimmed = redis.call('HGET', meta, 'trimmed')
-  if (not trimmed) or older(trimmed, cut) then
-    redis.call('HSET', meta, 'trimmed', cut)
-    local ms, seq = parse(cut)
-    redis.call('XTRIM', stream, 'MINID', ms .. '-' .. (seq + 1))
+if cut and ((not trimmed) or older(trimmed, cut)) then
+  fields[#fields + 1], fields[#fields + 2] = 'trimmed', cut
+  local ms, seq = parse(cut)
+  redis.call('XTRIM', stream, 'MINID', ms .. '-' .. (seq + 1))
+end
+"""
+
+# The end of both publish scripts, once `last` (the newest offset) is known: the metadata's
+# changes in one write, and the keys' time to live (ARGV[ttl]) renewed, but only when a
+# sixty-fourth of it has passed since it last was (the `ttl` field: the stream's time then),
+# which keeps both keys for at least 63/64 of it after the last publish.
+_CLOSE_STREAM = """
+fields[#fields + 1], fields[#fields + 2] = 'last', last
+local now = parse(last)
+if (not refreshed) or now - tonumber(refreshed) >= tonumber(ARGV[ttl]) / 64 then
+  fields[#fields + 1], fields[#fields + 2] = 'ttl', now
+  redis.call('PEXPIRE', stream, ARGV[ttl])
+  redis.call('PEXPIRE', meta, ARGV[ttl])
+end
+redis.call('HSET', meta, unpack(fields))
+"""
+
+# The published-events counter (KEYS `counter`, "" for none) of `n` events: taken by the
+# monitoring lease holder every few seconds; counts nobody took for ten minutes are stale.
+# Its time to live is set when a channel's count starts, since a taker empties the whole key.
+_COUNT = """
+if counter ~= '' then
+  if redis.call('HINCRBY', counter, tenant .. ' ' .. name, n) == n then
+    redis.call('PEXPIRE', counter, 600000)
   end
 end
 """
@@ -102,6 +144,7 @@ _PUBLISH = (
     _IDS
     + """
 local meta, stream, idem, archive, counter = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local ttl, tenant, name, n = 6, ARGV[10], ARGV[11], 1
 if idem ~= '' then
   local first = redis.call('HMGET', idem, 'offset', 'epoch', 'id')
   if first[1] then
@@ -113,20 +156,17 @@ end
     + "local incoming = 1\n"
     + _TRIM
     + """local id = redis.call('XADD', stream, '*', 'd', ARGV[4])
-redis.call('HSET', meta, 'last', id)
-redis.call('PEXPIRE', stream, ARGV[6])
-redis.call('PEXPIRE', meta, ARGV[6])
+local last = id
+"""
+    + _CLOSE_STREAM
+    + """
 redis.call('PUBLISH', ARGV[5], 'e ' .. epoch .. ' ' .. id .. ' ' .. ARGV[7] .. ' ' .. ARGV[4])
 if archive ~= '' then
-  redis.call('XADD', archive, '*', 't', ARGV[10], 'c', ARGV[11], 'e', epoch, 'o', id, 'd', ARGV[4])
+  redis.call('XADD', archive, '*', 't', tenant, 'c', name, 'e', epoch, 'o', id, 'd', ARGV[4])
 end
-if counter ~= '' then
-  -- Taken by the monitoring lease holder every few seconds; counts nobody took for ten
-  -- minutes are stale.
-  redis.call('HINCRBY', counter, ARGV[10] .. ' ' .. ARGV[11], 1)
-  redis.call('PEXPIRE', counter, 600000)
-end
-if idem ~= '' then
+"""
+    + _COUNT
+    + """if idem ~= '' then
   redis.call('HSET', idem, 'offset', id, 'epoch', epoch, 'id', ARGV[8])
   redis.call('PEXPIRE', idem, ARGV[9])
 end
@@ -141,6 +181,7 @@ _PUBLISH_MANY = (
     _IDS
     + """
 local meta, stream, archive, counter = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local ttl, tenant, name = 5, ARGV[6], ARGV[7]
 """
     + _OPEN_STREAM
     + """
@@ -150,22 +191,16 @@ for i = 8, #ARGV, 2 do
   ids[#ids + 1] = id
   redis.call('PUBLISH', ARGV[4], 'e ' .. epoch .. ' ' .. id .. ' ' .. ARGV[i + 1] .. ' ' .. ARGV[i])
   if archive ~= '' then
-    redis.call('XADD', archive, '*', 't', ARGV[6], 'c', ARGV[7], 'e', epoch, 'o', id, 'd', ARGV[i])
+    redis.call('XADD', archive, '*', 't', tenant, 'c', name, 'e', epoch, 'o', id, 'd', ARGV[i])
   end
 end
 -- Trimmed after appending: a batch longer than the room left keeps only its newest.
-local incoming = 0
+local incoming, last, n = #ids, ids[#ids], #ids
 """
     + _TRIM
-    + """
-redis.call('HSET', meta, 'last', ids[#ids])
-redis.call('PEXPIRE', stream, ARGV[5])
-redis.call('PEXPIRE', meta, ARGV[5])
-if counter ~= '' then
-  redis.call('HINCRBY', counter, ARGV[6] .. ' ' .. ARGV[7], #ids)
-  redis.call('PEXPIRE', counter, 600000)
-end
-return ids
+    + _CLOSE_STREAM
+    + _COUNT
+    + """return ids
 """
 )
 

@@ -209,13 +209,15 @@ local incoming, last, n = #ids, ids[#ids], #ids
 # applies, so readers and writers agree on the epoch).
 _EPOCH_OF = """
 local meta, stream = KEYS[1], KEYS[2]
-local epoch = redis.call('HGET', meta, 'epoch')
-local lost = redis.call('EXISTS', stream) == 0 and redis.call('HEXISTS', meta, 'last') == 1
-if (not epoch) or lost then
+local state = redis.call('HMGET', meta, 'epoch', 'last', 'trimmed', 'archived')
+local epoch, trimmed, archived = state[1], state[3] or false, state[4] or false
+if (not epoch) or (state[2] and redis.call('XLEN', stream) == 0
+                   and redis.call('EXISTS', stream) == 0) then
   epoch = ARGV[1]
   redis.call('DEL', meta)
   redis.call('HSET', meta, 'epoch', epoch)
   redis.call('PEXPIRE', meta, ARGV[2])
+  trimmed, archived = false, false
 end
 """
 
@@ -223,8 +225,7 @@ end
 _EPOCH = (
     _EPOCH_OF
     + """
-return {epoch, redis.call('HGET', meta, 'trimmed') or false,
-        redis.call('HGET', meta, 'archived') or false}
+return {epoch, trimmed, archived}
 """
 )
 
@@ -248,9 +249,7 @@ elseif range == 'after-reverse' then
 elseif range == 'last' then
   entries = redis.call('XREVRANGE', stream, '+', '-', unpack(limit))
 end
-return {epoch, redis.call('HGET', meta, 'trimmed') or false,
-        redis.call('HGET', meta, 'archived') or false, newest[1] and newest[1][1] or false,
-        entries}
+return {epoch, trimmed, archived, newest[1] and newest[1][1] or false, entries}
 """
 )
 

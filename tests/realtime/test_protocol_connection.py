@@ -286,6 +286,31 @@ async def test_no_connect_in_time_closes_4008(servers: Servers) -> None:
         assert time.monotonic() - started >= 0.25
 
 
+async def test_each_connection_gets_its_own_connect_time(servers: Servers) -> None:
+    """Connections opened at different moments are each closed (4008) once their own time is
+    up, not before and not much after; one that connects meanwhile stays open."""
+    timeout = 0.4
+    async with node(servers, realtime={"connect_timeout_ms": int(timeout * 1000)}) as n:
+        admin = await new_org_admin(n.http)
+
+        async def silent(delay: float) -> float:
+            await asyncio.sleep(delay)
+            async with raw_socket(n.live.ws) as raw:
+                opened = time.monotonic()
+                code, _ = await raw.closed(timeout=3)
+                assert code == 4008
+                return time.monotonic() - opened
+
+        async with raw_socket(n.live.ws) as late_joiner:
+            waited = asyncio.gather(*(silent(d) for d in (0.0, 0.13, 0.26, 0.5)))
+            await asyncio.sleep(0.2)
+            await late_joiner.connect(admin.access_token)  # half its time gone
+            for elapsed in await waited:
+                assert timeout - 0.01 <= elapsed <= timeout * 1.25 + 0.1, elapsed
+            await asyncio.sleep(0.3)  # past its own deadline too
+            await still_open(late_joiner)
+
+
 async def test_connect_in_time_keeps_the_connection(servers: Servers) -> None:
     async with node(servers, realtime={"connect_timeout_ms": 300}) as n:
         admin = await new_org_admin(n.http)

@@ -170,6 +170,9 @@ class Gateway:
         self.closing = False
         # Set by the monitoring runtime: latency samples and delivery counts.
         self.probe: DeliveryProbe | None = None
+        # Connections that owe a `connect`, with their deadlines (`expect_connect`).
+        self._awaiting: deque[tuple[float, ClientConnection]] = deque()
+        self._connect_sweep: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         self.hub.on_interrupted = self._backend_interrupted
@@ -192,7 +195,12 @@ class Gateway:
     async def shutdown_connections(self, code: int = SHUTTING_DOWN) -> None:
         """Tell every client to go elsewhere (4500), then wait briefly for them to leave."""
         self.closing = True
+        if self._connect_sweep is not None:
+            self._connect_sweep.cancel()
+            self._connect_sweep = None
         connections = list(self.connections.values())
+        connections += [c for _, c in self._awaiting if c.awaiting_connect]
+        self._awaiting.clear()
         for connection in connections:
             connection.close(code, "node shutting down")
         if self.finishing:  # and those that were closing already
@@ -215,6 +223,35 @@ class Gateway:
         connection = self.connections.get(str(message.get("kick")))
         if connection is not None:
             connection.close(int(message.get("code", KICKED)), "disconnected by an administrator")
+
+    def expect_connect(self, connection: ClientConnection) -> None:
+        """Close ``connection`` with 4008 unless its `connect` comes in time (PROTOCOL.md
+        section 3).
+
+        One timer for the node, not one per connection (in a connect storm, a timer made
+        and cancelled for every connection was 2% of the node's time): every connection
+        gets the same time, so the queue in arrival order is in deadline order too, and a
+        sweep closes what is due, at most a twentieth of the time late.
+        """
+        loop = asyncio.get_running_loop()
+        timeout = self.config.connect_timeout_ms / 1000
+        self._awaiting.append((loop.time() + timeout, connection))
+        if self._connect_sweep is None:
+            self._connect_sweep = loop.call_later(timeout, self._sweep_connects)
+
+    def _sweep_connects(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        awaiting = self._awaiting
+        while awaiting and awaiting[0][0] <= now:
+            _, connection = awaiting.popleft()
+            if connection.awaiting_connect:
+                connection.close(CONNECT_TIMEOUT, "no connect in time")
+        self._connect_sweep = None
+        if awaiting:
+            late = self.config.connect_timeout_ms / 1000 / 20
+            delay = max(awaiting[0][0] - now, late)
+            self._connect_sweep = loop.call_later(delay, self._sweep_connects)
 
     def next_save_slice(self) -> int:
         self._accepted += 1
@@ -430,15 +467,10 @@ class ClientConnection:
         self.close_code: int | None = None
         # Set once the connection is closing: cleans up, then waits for the close frame.
         self.finishing: asyncio.Future[None] | None = None
-        loop = asyncio.get_running_loop()
-        self._timers: dict[str, asyncio.TimerHandle] = {
-            "connect": loop.call_later(
-                self.config.connect_timeout_ms / 1000,
-                self.close,
-                CONNECT_TIMEOUT,
-                "no connect in time",
-            )
-        }
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        # Until its `connect` command starts: the gateway closes it (4008) if that is late.
+        self.awaiting_connect = True
+        gateway.expect_connect(self)
 
     def positions(self) -> list[tuple[str, str]]:
         """Where each live subscription stands: what the session save loop compares. One
@@ -707,7 +739,7 @@ class ClientConnection:
     async def _connect(self, command: ConnectCommand) -> None:
         if self.principal is not None:
             raise BadRequest("already connected")
-        self._timers.pop("connect").cancel()
+        self.awaiting_connect = False
         try:
             principal = await identity.authenticate(self.gateway.identity, command.token)
         except identity_errors.TokenExpired:

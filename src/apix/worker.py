@@ -107,7 +107,12 @@ async def run_worker(settings: Settings, *, consumer: str | None = None) -> None
     database = Database(settings.database_url, settings.database)
     redis = create_redis(settings.redis_url, settings.redis)
     name = consumer or f"{settings.node_id}:worker:{os.getpid()}"
-    broker = Broker(redis, source=f"apix-worker:{name}", count=settings.monitoring.counting)
+    broker = Broker(
+        redis,
+        source=f"apix-worker:{name}",
+        archive=settings.worker.archive,
+        count=settings.monitoring.counting,
+    )
     workers = Workers(settings, database, redis, broker, name=name)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

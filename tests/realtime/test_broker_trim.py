@@ -87,6 +87,22 @@ async def test_length_trimming_waits_for_the_archive_and_then_catches_up(redis: 
     ]
 
 
+async def test_an_old_archive_mark_does_not_hold_back_a_node_that_does_not_archive(
+    redis: Redis,
+) -> None:
+    """With archiving switched off (`APIX_WORKER__ARCHIVE=false`), the mark the archiver
+    left in a channel's metadata no longer limits trimming: the stream keeps its length."""
+    archiving = Broker(redis, source="test", archive=True)
+    channel = _channel(max_len=3)
+    first = [await archiving.publish(channel, "t", {"n": n}) for n in range(2)]
+    await archiving.mark_archived([(channel.meta_key, first[0].epoch, first[0].offset)])
+    not_archiving = Broker(redis, source="test", archive=False)
+    later = [await not_archiving.publish(channel, "t", {"n": n}) for n in range(2, 8)]
+    snapshot = await not_archiving.read(channel, after="0-0")
+    assert [e.offset for e in snapshot.events] == [p.offset for p in later[-3:]]
+    assert snapshot.trimmed == later[-4].offset
+
+
 async def test_monitor_trims_by_length_without_waiting_for_the_archive(redis: Redis) -> None:
     """`monitor` is not archived: even on a node that archives, its stream keeps its last
     `max_len` events at once, and nothing of it is queued for the archiver."""

@@ -45,7 +45,9 @@ end
 # as it can: the fields it changes are written at the end in one `HSET` (`fields`).
 _OPEN_STREAM = """
 local state = redis.call('HMGET', meta, 'epoch', 'last', 'archived', 'trimmed', 'oldest', 'ttl')
-local epoch, archived, trimmed, oldest, refreshed = state[1], state[3], state[4], state[5], state[6]
+local epoch, trimmed, oldest, refreshed = state[1], state[4], state[5], state[6]
+-- A publish that does not archive (`archive` is "") is not held back by an old mark.
+local archived = archive ~= '' and state[3]
 local len = redis.call('XLEN', stream)
 if (not epoch) or (len == 0 and state[2] and redis.call('EXISTS', stream) == 0) then
   epoch = ARGV[1]

@@ -14,6 +14,7 @@ import contextlib
 import secrets
 import time
 import uuid
+import weakref
 from collections import Counter, deque
 from collections.abc import Coroutine
 from dataclasses import replace
@@ -171,7 +172,7 @@ class Gateway:
         # Set by the monitoring runtime: latency samples and delivery counts.
         self.probe: DeliveryProbe | None = None
         # Connections that owe a `connect`, with their deadlines (`expect_connect`).
-        self._awaiting: deque[tuple[float, ClientConnection]] = deque()
+        self._awaiting: deque[tuple[float, weakref.ref[ClientConnection]]] = deque()
         self._connect_sweep: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
@@ -199,7 +200,7 @@ class Gateway:
             self._connect_sweep.cancel()
             self._connect_sweep = None
         connections = list(self.connections.values())
-        connections += [c for _, c in self._awaiting if c.awaiting_connect]
+        connections += [c for _, ref in self._awaiting if (c := ref()) and c.awaiting_connect]
         self._awaiting.clear()
         for connection in connections:
             connection.close(code, "node shutting down")
@@ -235,7 +236,8 @@ class Gateway:
         """
         loop = asyncio.get_running_loop()
         timeout = self.config.connect_timeout_ms / 1000
-        self._awaiting.append((loop.time() + timeout, connection))
+        # A weak reference: a connection that is gone before its deadline is not kept.
+        self._awaiting.append((loop.time() + timeout, weakref.ref(connection)))
         if self._connect_sweep is None:
             self._connect_sweep = loop.call_later(timeout, self._sweep_connects)
 
@@ -243,15 +245,17 @@ class Gateway:
         loop = asyncio.get_running_loop()
         now = loop.time()
         awaiting = self._awaiting
-        while awaiting and awaiting[0][0] <= now:
-            _, connection = awaiting.popleft()
-            if connection.awaiting_connect:
-                connection.close(CONNECT_TIMEOUT, "no connect in time")
         self._connect_sweep = None
-        if awaiting:
-            late = self.config.connect_timeout_ms / 1000 / 20
-            delay = max(awaiting[0][0] - now, late)
-            self._connect_sweep = loop.call_later(delay, self._sweep_connects)
+        try:
+            while awaiting and awaiting[0][0] <= now:
+                connection = awaiting.popleft()[1]()
+                if connection is not None and connection.awaiting_connect:
+                    connection.close(CONNECT_TIMEOUT, "no connect in time")
+        finally:
+            if awaiting:  # even if a close failed: the others still get theirs
+                late = self.config.connect_timeout_ms / 1000 / 20
+                delay = max(awaiting[0][0] - now, late)
+                self._connect_sweep = loop.call_later(delay, self._sweep_connects)
 
     def next_save_slice(self) -> int:
         self._accepted += 1
@@ -758,8 +762,11 @@ class ClientConnection:
             self._error(command.id, "forbidden", "origin not allowed for this organization")
             self.close(UNAUTHORIZED, "forbidden", flush=True)
             return
-        self.principal = principal
         gateway = self.gateway
+        if gateway.closing:  # shut down while the token was checked: go elsewhere
+            self.close(SHUTTING_DOWN, "node shutting down")
+            return
+        self.principal = principal
         now = datetime.now(UTC)
         self.record = ConnectionRecord(
             id=self.id,

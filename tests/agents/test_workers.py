@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 
 from apix.app import create_app
 from apix.config import ProvidersSettings, Settings, WorkerSettings
+from apix.realtime.channels import PARTITIONS, archive_key
 from tests.agents.conftest import SlowOpenAI, new_agent, wait_run
 from tests.conftest import Servers, make_settings
 from tests.identity.factories import new_org_admin
@@ -100,6 +101,19 @@ async def test_a_worker_killed_mid_run_leaves_no_run_running(
     # The queued run the dead worker held (waiting for the session) runs on the survivor.
     done = await wait_run(client, admin, second["id"], timeout=30)
     assert (done["status"], done["output"]) == ("completed", "short")
+    # The workers run with `APIX_WORKER__ARCHIVE=false`: their events (the runs' progress)
+    # are published, but nothing of theirs is queued for an archiver that is not there.
+    redis = Redis.from_url(servers.redis_url)
+    try:
+        queued = [
+            fields[b"d"]
+            for partition in range(PARTITIONS)
+            for _, fields in await redis.xrange(archive_key(partition))
+        ]
+    finally:
+        await redis.aclose()
+    assert queued, "the API node (which archives) queued its own events"
+    assert not [d for d in queued if b'"source":"apix-worker:' in d]
 
 
 @pytest.fixture

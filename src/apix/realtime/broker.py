@@ -353,6 +353,20 @@ def _payload(fields: list[bytes]) -> bytes:
     return fields[fields.index(b"d") + 1]
 
 
+class UnstorableData(ValueError):
+    """Event data PostgreSQL cannot store: U+0000 in a string (a key or a value)."""
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    return False
+
+
 def event_payload(
     event_id: str, event_type: str, ts: int, data: Any, meta: dict[str, Any]
 ) -> bytes:
@@ -413,15 +427,21 @@ class Broker:
         *,
         meta: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        strict: bool = False,
     ) -> Published:
         """Append and announce an event.
 
         With ``idempotency_key``, the same key on the same channel within
         `IDEMPOTENCY_TTL_S` returns the first result (``duplicate``) and stores nothing:
         the check and the append are one script, so concurrent retries on any node agree.
+        With ``strict`` (what clients publish), data the archive cannot store is refused
+        (`UnstorableData`) instead of mended there.
         """
         ts = int(time.time() * 1000)
         keys, args = self._publish_input(channel, event_type, data, ts, meta, idempotency_key)
+        # JSON's escape of U+0000 is in the payload only if some string may hold it.
+        if strict and b"\\u0000" in args[3] and _has_nul(data):
+            raise UnstorableData("U+0000 cannot be stored in a string (the archive's jsonb)")
         offset, epoch, stored_id, duplicate = await self.batch.script(self._publish, keys, args)
         return Published(offset.decode(), epoch.decode(), stored_id.decode(), ts, bool(duplicate))
 

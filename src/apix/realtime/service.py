@@ -19,7 +19,7 @@ from apix.core.json import loads
 from apix.identity.principal import Principal
 from apix.infra.database import Database
 from apix.realtime import channels
-from apix.realtime.broker import Broker, Snapshot
+from apix.realtime.broker import Broker, Snapshot, UnstorableData
 from apix.realtime.channels import ChannelRef
 from apix.realtime.models import ApixDeadLetter
 
@@ -41,9 +41,12 @@ async def publish(
             data,
             meta={"actor": actor, "actor_kind": principal.kind.value},
             idempotency_key=idempotency_key,
+            strict=True,
         )
     except orjson.JSONEncodeError as exc:  # e.g. a lone surrogate (`"\ud800"`) in a string
         raise BadRequest(f"data cannot be stored as JSON: {exc}") from exc
+    except UnstorableData as exc:
+        raise BadRequest(f"data cannot be stored: {exc}") from exc
     return {
         "offset": published.offset,
         "epoch": published.epoch,

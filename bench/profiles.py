@@ -24,7 +24,7 @@ FULL: dict[str, Any] = {
         },
     ],
     "many": {"connections": 10_000, "channels": 1_000, "rates": [1_000], "duration_s": 20},
-    "http": {"concurrency": 32, "duration_s": 20},
+    "http": {"concurrency": 32, "duration_s": 20, "rounds": 3},
     "two_nodes": {"subscribers": 10_000, "rates": [2, 5, 10], "duration_s": 20},
     "profile": {"subscribers": 1_000, "rate": 100, "seconds": 15, "connect_connections": 5_000},
 }

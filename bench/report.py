@@ -626,7 +626,22 @@ def _http(results: dict[str, Any]) -> list[str]:
         "server cores",
         "generator cores",
     ]
-    return [*out, "", _table(header, table), ""]
+    out += ["", _table(header, table)]
+    rounds = max((len(r.get("rounds", [])) for r in rows), default=0)
+    if rounds > 1:
+        spread = [
+            f"{_label(r['target'])}: "
+            + " / ".join(_fmt(x.get("events_per_s"), 0) for x in r["rounds"])
+            for r in rows
+            if r.get("rounds")
+        ]
+        out += [
+            "",
+            f"Each row is the median of {rounds} rounds by events/s; the targets took turns, "
+            "round by round, so that drift in the machine's speed weighs on all alike. "
+            "Events/s, round by round: " + "; ".join(spread) + ".",
+        ]
+    return [*out, ""]
 
 
 def _two_nodes(results: dict[str, Any]) -> list[str]:

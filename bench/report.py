@@ -637,7 +637,8 @@ def _http(results: dict[str, Any]) -> list[str]:
         ]
         out += [
             "",
-            f"Each row is the median of {rounds} rounds by events/s; the targets took turns, "
+            f"Each row is the median of up to {rounds} rounds by events/s (a failed round is "
+            "listed, not counted); the targets took turns, "
             "round by round, so that drift in the machine's speed weighs on all alike. "
             "Events/s, round by round: " + "; ".join(spread) + ".",
         ]

@@ -405,13 +405,16 @@ def http_publish(ctx: Context, targets: list[str]) -> None:
     in `held`; each target's row is its median round by events/s, every round kept beside
     it."""
     cfg = ctx.profile["http"]
-    rounds = cfg.get("rounds", 1)
+    rounds = max(1, cfg.get("rounds", 1))
     keys = [key for key in targets if ctx.targets[key].http_publish]
     measured: dict[str, list[dict[str, Any]]] = {key: [] for key in keys}
     for turn in range(rounds):
         for key in keys:
             suffix = f", round {turn + 1}/{rounds}" if rounds > 1 else ""
             measured[key].append(_http_once(ctx, key, suffix))
+            ctx.results.setdefault("http_rounds", []).append(measured[key][-1])
+            ctx.save()  # a run cut short keeps the rounds done
+    ctx.results.pop("http_rounds", None)
     for key in keys:
         ok = sorted(
             (r for r in measured[key] if "events_per_s" in r), key=lambda r: r["events_per_s"]

@@ -45,7 +45,11 @@ async def test_events_postgresql_refuses_are_mended_or_dropped_and_hold_nothing_
     event = b'{"id": "evt_%s", "type": "x", "ts": 1, "data": null}'
     await redis.xadd(queue, {**fields, "o": "1-1", "d": event % (b"9" * 80)})
     await redis.xadd(queue, {**fields, "o": "1-2", "d": b"{not json"})
+    await redis.xadd(queue, {**fields, "o": "garbled", "d": event % b"1"})  # no position
     await redis.xadd(queue, {"t": "not-an-org"})
+    # An organisation deleted meanwhile: its events' analytics minutes cannot be written.
+    gone = {**fields, "t": str(uuid.uuid4()), "o": "1-3"}
+    await redis.xadd(queue, {**gone, "d": event % b"2"})
     after = await http_publish(client, admin.headers, "agents:a1", data=2)
 
     rows = await wait_archived(servers, admin.org_id, 3)
@@ -53,9 +57,15 @@ async def test_events_postgresql_refuses_are_mended_or_dropped_and_hold_nothing_
     assert sorted(by_offset) == sorted([before["offset"], nul.offset, after["offset"]])
     assert by_offset[nul.offset][5] == {"text": "a\ufffdb", "k\ufffd": ["\ufffd"]}
     assert (by_offset[before["offset"]][5], by_offset[after["offset"]][5]) == (1, 2)
-    # Every entry was taken off the queue, and the channel is marked archived up to the last.
+    # Every entry was taken off the queue, and the channel is marked archived up to the last
+    # real position (a garbled one would have broken every later publish's trimming).
     assert await redis.xlen(queue) == 0
     assert (await redis.hget(channel.meta_key, "archived")) == after["offset"].encode()
+    await http_publish(client, admin.headers, "agents:a1", data=3)
+    assert len(await wait_archived(servers, admin.org_id, 4)) == 4
+    # What was written is counted once, by either path (the counts share its statement).
+    overview = (await client.get("/api/v1/analytics/overview", headers=admin.headers)).json()
+    assert overview["events_by_namespace"] == {"agents": 4}
 
 
 async def test_a_batch_of_several_organisations_is_archived_whole_and_counted_once(

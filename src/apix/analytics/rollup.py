@@ -1,18 +1,17 @@
-"""Writing the roll-ups: events from the archiver's batches, API calls from each node."""
+"""Writing the roll-ups of API calls from each node. (Events are counted by the archiver, in
+the statement that archives them: `apix.realtime.archive`.)"""
 
 from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.types import Scope
 
-from apix.analytics.models import ApiMinute, EventMinute
+from apix.analytics.models import ApiMinute
 from apix.core.logging import get_logger
 from apix.core.tasks import Periodic
 from apix.infra.database import Database
@@ -24,33 +23,6 @@ _FLUSH_S = 10.0
 
 def minute_of(at: datetime) -> datetime:
     return at.replace(second=0, microsecond=0)
-
-
-async def count_events(
-    conn: AsyncConnection, org_id: uuid.UUID, rows: Iterable[tuple[str, str, datetime]]
-) -> None:
-    """Add (channel, type, created_at) rows just archived to the organisation's minutes.
-
-    Called in the archiver's transaction with the rows the insert actually wrote, so an
-    event counts once however often its archive entry is written.
-    """
-    counts = Counter(
-        (minute_of(created), channel.partition(":")[0], event_type)
-        for channel, event_type, created in rows
-    )
-    if not counts:
-        return
-    values = [
-        {"org_id": org_id, "minute": m, "namespace": ns, "type": t, "count": n}
-        for (m, ns, t), n in counts.items()
-    ]
-    statement = insert(EventMinute).values(values)
-    await conn.execute(
-        statement.on_conflict_do_update(
-            index_elements=["org_id", "minute", "namespace", "type"],
-            set_={"count": EventMinute.count + statement.excluded.count},
-        )
-    )
 
 
 class ApiUsage:

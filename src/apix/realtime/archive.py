@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
 import socket
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -31,7 +33,6 @@ from redis.exceptions import ResponseError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from apix.analytics.rollup import count_events
 from apix.config import WorkerSettings
 from apix.core.json import dumps, loads
 from apix.core.logging import get_logger
@@ -87,27 +88,12 @@ def _lease_key(partition: int) -> str:
 # a node taking 2,000 connects a second spent a core on it.
 #
 # PostgreSQL takes each event's JSON as the node wrote it and picks the columns out of it,
-# and counts what it wrote into the organisation's minutes in the same statement: the
-# archiver parses no event and builds no row (it spent about 30 µs an event doing both,
-# and half of the rest on the separate count). `created_at` is the publish time (`ts`,
-# else the offset's milliseconds), part of the key, so a rewrite lands in the same
-# partition. `ack_state` and `retry_count` take their column defaults.
-_INSERT_EVENTS = """
-WITH written AS (
-    INSERT INTO apix_event (org_id, channel, epoch, offset_ms, offset_seq, created_at, id,
-                            type, payload, metadata, session_id)
-    SELECT $1::uuid, r.channel, r.epoch, r.ms, r.seq,
-           timestamptz 'epoch' + coalesce((r.e ->> 'ts')::bigint, r.ms) * interval '1 ms',
-           r.e ->> 'id', left(r.e ->> 'type', 100), coalesce(r.e -> 'data', 'null'),
-           coalesce(nullif(r.e -> 'meta', 'null'), '{}'),
-           CASE WHEN split_part(r.channel, ':', 1) = 'sessions'
-                THEN substr(r.channel, length('sessions:') + 1)
-                ELSE r.e -> 'meta' ->> 'session_id' END
-    FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::jsonb[])
-         AS r(channel, epoch, ms, seq, e)
-    ON CONFLICT DO NOTHING
-    RETURNING channel, type, created_at
-)
+# and counts what it wrote into the organisation's minutes in the same statement (only rows
+# written now: a rewrite never counts twice). The archiver parses no event and builds no row:
+# doing both, and counting in a second statement, was half its CPU an event. `created_at` is
+# the publish time (`ts`, else the offset's milliseconds), part of the key, so a rewrite lands
+# in the same partition. `ack_state` and `retry_count` take their column defaults.
+_COUNT_WRITTEN = """
 INSERT INTO analytics_event_minute AS m (org_id, minute, namespace, type, count)
 SELECT $1::uuid, date_trunc('minute', created_at, 'UTC'), split_part(channel, ':', 1), type,
        count(*)
@@ -115,18 +101,46 @@ FROM written
 GROUP BY 2, 3, 4
 ON CONFLICT (org_id, minute, namespace, type) DO UPDATE SET count = m.count + excluded.count
 """
+_INSERT_EVENTS = "".join(
+    (
+        """
+WITH written AS (
+    INSERT INTO apix_event (org_id, channel, epoch, offset_ms, offset_seq, created_at, id,
+                            type, payload, metadata, session_id)
+    SELECT $1::uuid, r.channel, r.epoch, r.ms, r.seq,
+           timestamptz 'epoch' + coalesce((r.e ->> 'ts')::bigint, r.ms) * interval '1 ms',
+           r.e ->> 'id', left(r.e ->> 'type', 100), coalesce(r.e -> 'data', 'null'),
+           CASE WHEN jsonb_typeof(r.e -> 'meta') = 'object' THEN r.e -> 'meta' ELSE '{}' END,
+           CASE WHEN split_part(r.channel, ':', 1) = 'sessions'
+                THEN substr(r.channel, length('sessions:') + 1)
+                ELSE r.e -> 'meta' ->> 'session_id' END
+    FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::jsonb[])
+         AS r(channel, epoch, ms, seq, e)
+    ON CONFLICT DO NOTHING
+    RETURNING channel, type, created_at
+)""",
+        _COUNT_WRITTEN,
+    )
+)
 
-# The same rows built one by one in Python, for a batch PostgreSQL refused: written row by
-# row, each in a savepoint, so the rows it refuses are dropped and the rest go in.
-_INSERT = """
-INSERT INTO apix_event (org_id, channel, epoch, offset_ms, offset_seq, created_at, id, type,
-                        payload, metadata, session_id)
-SELECT $1::uuid, r.*
-FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::timestamptz[],
-            $7::text[], $8::text[], $9::jsonb[], $10::jsonb[], $11::text[]) AS r
-ON CONFLICT DO NOTHING
-RETURNING channel, type, created_at
-"""
+# The same from rows built in Python (`_row`), for what PostgreSQL refused in a batch: written
+# one at a time, each in a savepoint, so the rows it still refuses are dropped alone. (Both
+# statements are joined from constants, not added: the linter takes `+` of SQL for injection.)
+_INSERT_ROWS = "".join(
+    (
+        """
+WITH written AS (
+    INSERT INTO apix_event (org_id, channel, epoch, offset_ms, offset_seq, created_at, id,
+                            type, payload, metadata, session_id)
+    SELECT $1::uuid, r.*
+    FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::timestamptz[],
+                $7::text[], $8::text[], $9::jsonb[], $10::jsonb[], $11::text[]) AS r
+    ON CONFLICT DO NOTHING
+    RETURNING channel, type, created_at
+)""",
+        _COUNT_WRITTEN,
+    )
+)
 _COLUMNS = (
     "channel",
     "epoch",
@@ -142,6 +156,9 @@ _COLUMNS = (
 # What PostgreSQL answers for a row it cannot store (a value it cannot hold, such as U+0000,
 # one too long, a missing column, an organisation deleted meanwhile): never retried.
 _REFUSED = (asyncpg.exceptions.DataError, asyncpg.exceptions.IntegrityConstraintViolationError)
+_STREAM_ID = re.compile(r"^\d+-\d+$")
+
+Entry = tuple[str, str, dict[bytes, bytes] | None]  # archive queue, entry id, fields
 
 
 @dataclass
@@ -243,7 +260,7 @@ class Archiver:
         replies: Any = await self.redis.xreadgroup(
             GROUP, self.consumer, streams, count=self.settings.archive_batch, block=block
         )
-        entries: list[tuple[str, str, dict[bytes, bytes] | None]] = []
+        entries: list[Entry] = []
         for key_raw, items in replies or []:
             key = key_raw.decode() if isinstance(key_raw, bytes) else key_raw
             if not items and streams.get(key) == "0":
@@ -253,36 +270,29 @@ class Archiver:
             await self.write(entries)
         return len(entries)
 
-    async def write(self, entries: Sequence[tuple[str, str, dict[bytes, bytes] | None]]) -> None:
+    async def write(self, entries: Sequence[Entry]) -> None:
         """Write entries to the archive, mark their channels archived, and take them off the
-        queue. A batch PostgreSQL refuses as a whole is written row by row (`_write_rows`):
-        one event it cannot store never holds back its partition."""
-        columns = _columns(entries)
-        try:
-            if columns is None:  # an entry we cannot read: the row-by-row path drops it
-                raise ValueError("unreadable entry")
-            async with self.database.engine.begin() as conn:
-                driver = await driver_of(conn)
-                for org_id, org_columns in columns.items():
-                    await _as_tenant(conn, org_id)
-                    for start in range(0, len(org_columns[0]), _ROWS_PER_INSERT):
-                        chunk = [c[start : start + _ROWS_PER_INSERT] for c in org_columns]
-                        await driver.execute(_INSERT_EVENTS, org_id, *chunk)
-            self.stats.archived += sum(len(c[0]) for c in columns.values())
-        except (*_REFUSED, ValueError):
-            await self._write_rows(entries)
-        positions: dict[str, tuple[str, str]] = {}  # meta key → epoch, offset (the newest)
-        for _key, _entry_id, fields in entries:
-            try:
-                assert fields is not None  # noqa: S101 - caught below
-                tenant, channel = fields[b"t"].decode(), fields[b"c"].decode()
-                positions[f"{channel_prefix(tenant, channel)}:m"] = (
-                    fields[b"e"].decode(),
-                    fields[b"o"].decode(),
-                )
-            except (AssertionError, KeyError, UnicodeDecodeError):
-                continue  # dropped: nothing to mark
-        await self.broker.mark_archived([(m, e, o) for m, (e, o) in positions.items()])
+        queue. An organisation's batch that PostgreSQL refuses, and an entry it would refuse
+        (one holding U+0000) or that cannot be read, go row by row (`_write_rows`): one event
+        it cannot store never holds back its partition."""
+        batch = _sort(entries)
+        archived = skipped = 0
+        async with self.database.engine.begin() as conn:
+            driver = await driver_of(conn)
+            for org_id, columns in batch.columns.items():
+                await _as_tenant(conn, org_id)
+                try:
+                    async with _savepoint(driver):
+                        for start in range(0, len(columns[0]), _ROWS_PER_INSERT):
+                            chunk = [c[start : start + _ROWS_PER_INSERT] for c in columns]
+                            await driver.execute(_INSERT_EVENTS, org_id, *chunk)
+                    archived += len(columns[0])
+                except _REFUSED:
+                    batch.rows.extend(batch.entries[org_id])
+            if batch.rows:
+                archived_rows, skipped = await _write_rows(conn, driver, batch.rows)
+                archived += archived_rows
+        await self.broker.mark_archived([(m, e, o) for m, (e, o) in batch.marks.items()])
         by_stream: dict[str, list[str]] = defaultdict(list)
         for key, entry_id, _fields in entries:
             by_stream[key].append(entry_id)
@@ -291,44 +301,9 @@ class Archiver:
                 pipe.xack(key, GROUP, *ids)
                 pipe.xdel(key, *ids)
             await pipe.execute()
+        self.stats.archived += archived
+        self.stats.skipped += skipped
         self.stats.batches += 1
-
-    async def _write_rows(
-        self, entries: Sequence[tuple[str, str, dict[bytes, bytes] | None]]
-    ) -> None:
-        """Entries built into rows here, U+0000 replaced (`_storable`), and written one by
-        one in savepoints: what PostgreSQL still refuses is dropped, with a warning."""
-        rows: dict[uuid.UUID, list[dict[str, Any]]] = defaultdict(list)
-        for _key, _entry_id, fields in entries:
-            row = _row(fields)
-            if row is None:  # logged by `_row`
-                self.stats.skipped += 1
-                continue
-            rows[row["org_id"]].append(_storable(row))
-        async with self.database.engine.begin() as conn:
-            driver = await driver_of(conn)
-            for org_id, org_rows in rows.items():
-                await _as_tenant(conn, org_id)
-                written: list[tuple[str, str, datetime]] = []
-                for row in org_rows:
-                    await driver.execute("SAVEPOINT apix_row")
-                    try:
-                        got = await driver.fetch(_INSERT, org_id, *([row[c]] for c in _COLUMNS))
-                    except _REFUSED as exc:
-                        await driver.execute("ROLLBACK TO SAVEPOINT apix_row")
-                        self.stats.skipped += 1
-                        log.warning(
-                            "archive: PostgreSQL refused an event; dropped",
-                            channel=row["channel"],
-                            offset=f"{row['offset_ms']}-{row['offset_seq']}",
-                            error=f"{type(exc).__name__}: {exc}",
-                        )
-                        continue
-                    await driver.execute("RELEASE SAVEPOINT apix_row")
-                    written.extend(tuple(r) for r in got)
-                    self.stats.archived += 1
-                # Only rows written now count, so a rewrite never counts twice.
-                await count_events(conn, org_id, written)
 
     # --- partitions --------------------------------------------------------------------
 
@@ -408,8 +383,12 @@ def _row(fields: dict[bytes, bytes] | None) -> dict[str, Any] | None:
         offset = fields[b"o"].decode()
         event = loads(fields[b"d"])
         ms, seq = offset_key(offset)
-        meta = event.get("meta") or {}
+        meta = event.get("meta")
+        if not isinstance(meta, dict):
+            meta = {}  # as PostgreSQL builds it in `_INSERT_EVENTS`
         session_id = meta.get("session_id")
+        if session_id is not None and not isinstance(session_id, str):
+            session_id = dumps(session_id).decode()  # as `->>` gives it
         namespace, _, key = channel.partition(":")
         return {
             "org_id": uuid.UUID(tenant),
@@ -426,44 +405,108 @@ def _row(fields: dict[bytes, bytes] | None) -> dict[str, Any] | None:
             "metadata": dumps(meta).decode(),
             "session_id": key if namespace == "sessions" else session_id,
         }
-    except (KeyError, ValueError, TypeError, AttributeError):
+    except (KeyError, ValueError, TypeError, AttributeError, OverflowError, OSError):
         log.warning("archive: dropping an unreadable entry")
         return None
 
 
-def _columns(
-    entries: Sequence[tuple[str, str, dict[bytes, bytes] | None]],
-) -> dict[uuid.UUID, list[list[Any]]] | None:
-    """The entries as `_INSERT_EVENTS`'s arrays per organisation (channel, epoch, offset ms,
-    offset sequence, event JSON), or None if one cannot be read."""
-    columns: dict[uuid.UUID, list[list[Any]]] = {}
+@dataclass
+class _Batch:
+    """Archive entries sorted out for writing."""
+
+    columns: dict[uuid.UUID, list[list[Any]]] = field(default_factory=dict)  # `_INSERT_EVENTS`'s
+    entries: dict[uuid.UUID, list[Entry]] = field(default_factory=dict)  # the same, per org
+    rows: list[Entry] = field(default_factory=list)  # for `_write_rows`
+    marks: dict[str, tuple[str, str]] = field(default_factory=dict)  # meta key → epoch, offset
+
+
+def _sort(entries: Sequence[Entry]) -> _Batch:
+    """Per organisation, the arrays of `_INSERT_EVENTS` (channel, epoch, offset ms, offset
+    sequence, event JSON); the entries for the row-by-row path; and each channel's newest
+    offset, to mark archived (only from entries whose position reads as one)."""
+    batch = _Batch()
     orgs: dict[bytes, uuid.UUID] = {}
-    try:
-        for _key, _entry_id, fields in entries:
-            if not fields:
-                return None
+    for entry in entries:
+        fields = entry[2]
+        try:
+            assert fields is not None  # noqa: S101 - deleted meanwhile: caught below
             tenant = fields[b"t"]
             org_id = orgs.get(tenant)
             if org_id is None:
                 org_id = orgs[tenant] = uuid.UUID(tenant.decode())
-            c = columns.get(org_id)
-            if c is None:
-                c = columns[org_id] = [[], [], [], [], []]
-            ms, seq = offset_key(fields[b"o"].decode())
-            c[0].append(fields[b"c"].decode())
-            c[1].append(fields[b"e"].decode())
-            c[2].append(ms)
-            c[3].append(seq)
-            c[4].append(fields[b"d"].decode())
-    except (KeyError, ValueError):  # UnicodeDecodeError is a ValueError
-        return None
-    return columns
+            channel, epoch, offset = (fields[k].decode() for k in (b"c", b"e", b"o"))
+            ms, seq = offset_key(offset)
+            event = fields[b"d"]
+        except (AssertionError, KeyError, ValueError):  # UnicodeDecodeError is a ValueError
+            batch.rows.append(entry)  # `_row` drops it, and says so
+            continue
+        if _STREAM_ID.match(offset):
+            batch.marks[f"{channel_prefix(str(org_id), channel)}:m"] = (epoch, offset)
+        if b"\\u0000" in event:  # JSON's escape of U+0000 (or a false alarm): see `_storable`
+            batch.rows.append(entry)
+            continue
+        columns = batch.columns.get(org_id)
+        if columns is None:
+            columns = batch.columns[org_id] = [[], [], [], [], []]
+            batch.entries[org_id] = []
+        columns[0].append(channel)
+        columns[1].append(epoch)
+        columns[2].append(ms)
+        columns[3].append(seq)
+        columns[4].append(event.decode())
+        batch.entries[org_id].append(entry)
+    return batch
+
+
+async def _write_rows(
+    conn: AsyncConnection, driver: asyncpg.Connection, entries: Sequence[Entry]
+) -> tuple[int, int]:
+    """Entries built into rows here, U+0000 replaced (`_storable`), and written one at a
+    time in savepoints: what PostgreSQL still refuses is dropped, with a warning. Returns
+    (rows written, entries dropped)."""
+    rows: dict[uuid.UUID, list[dict[str, Any]]] = defaultdict(list)
+    skipped = archived = 0
+    for _key, _entry_id, fields in entries:
+        row = _row(fields)
+        if row is None:  # logged by `_row`
+            skipped += 1
+            continue
+        rows[row["org_id"]].append(_storable(row))
+    for org_id, org_rows in rows.items():
+        await _as_tenant(conn, org_id)
+        for row in org_rows:
+            try:
+                async with _savepoint(driver):
+                    await driver.execute(_INSERT_ROWS, org_id, *([row[c]] for c in _COLUMNS))
+            except _REFUSED as exc:
+                skipped += 1
+                log.warning(
+                    "archive: PostgreSQL refused an event; dropped",
+                    channel=row["channel"],
+                    offset=f"{row['offset_ms']}-{row['offset_seq']}",
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                continue
+            archived += 1
+    return archived, skipped
 
 
 async def _as_tenant(conn: AsyncConnection, org_id: uuid.UUID) -> None:
     """The archive is under row-level security like every tenant table. (Through SQLAlchemy:
     its first statement is what opens the transaction on the driver's connection.)"""
     await conn.execute(text("SELECT set_config('apix.org_id', :org, true)"), {"org": str(org_id)})
+
+
+@asynccontextmanager
+async def _savepoint(driver: asyncpg.Connection) -> AsyncIterator[None]:
+    """A statement that fails inside undoes only itself, not the transaction."""
+    await driver.execute("SAVEPOINT apix_archive")
+    try:
+        yield
+    except Exception:
+        await driver.execute("ROLLBACK TO SAVEPOINT apix_archive")
+        raise
+    await driver.execute("RELEASE SAVEPOINT apix_archive")
 
 
 def _storable(row: dict[str, Any]) -> dict[str, Any]:

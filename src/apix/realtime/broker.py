@@ -142,8 +142,8 @@ end
 # ARGV: epoch candidate, max_len, min_id, payload, pubsub channel, ttl_ms, event type,
 # event id, idempotency ttl_ms, tenant, channel name.
 # Returns "offset epoch", or "offset epoch id" (the first publish's event id) for a duplicate:
-# one string, as a table of four cost Redis about 4 µs more a publish to send (and the node
-# to read).
+# one string, as a table of four cost Redis about 7 µs more a publish to build and send (and
+# the node to read): `python -m bench.redis_cost --against`.
 _PUBLISH = (
     _IDS
     + """

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -443,20 +444,13 @@ def _held(results: dict[str, Any], charts: dict[str, str]) -> list[str]:
             table,
         )
     )
-    rounds = max((len(r.get("rounds", [])) for r in rows), default=0)
-    if rounds > 1:
-        spread = [
-            f"{_label(r['target'])} at {r['connections']:,}: "
-            + " / ".join(_fmt(x.get("connect_server_cpu_us"), 0) for x in r["rounds"])
-            for r in rows
-            if r.get("rounds")
-        ]
-        out += [
-            "",
-            f"Each row is the median of {rounds} rounds by CPU per connect; the targets took "
-            "turns, round by round, so that drift in the machine's speed weighs on all alike. "
-            "Server CPU µs per connect, round by round: " + "; ".join(spread) + ".",
-        ]
+    out += _rounds_note(
+        rows,
+        "connect_server_cpu_us",
+        "CPU per connect",
+        "Server CPU µs per connect",
+        lambda r: f"{_label(r['target'])} at {r['connections']:,}",
+    )
     errors = {r["target"]: r["open_errors"] for r in rows if r.get("open_errors")}
     if errors:
         out += [
@@ -627,22 +621,32 @@ def _http(results: dict[str, Any]) -> list[str]:
         "generator cores",
     ]
     out += ["", _table(header, table)]
-    rounds = max((len(r.get("rounds", [])) for r in rows), default=0)
-    if rounds > 1:
-        spread = [
-            f"{_label(r['target'])}: "
-            + " / ".join(_fmt(x.get("events_per_s"), 0) for x in r["rounds"])
-            for r in rows
-            if r.get("rounds")
-        ]
-        out += [
-            "",
-            f"Each row is the median of up to {rounds} rounds by events/s (a failed round is "
-            "listed, not counted); the targets took turns, "
-            "round by round, so that drift in the machine's speed weighs on all alike. "
-            "Events/s, round by round: " + "; ".join(spread) + ".",
-        ]
+    out += _rounds_note(rows, "events_per_s", "events/s", "Events/s", lambda r: _label(r["target"]))
     return [*out, ""]
+
+
+def _rounds_note(
+    rows: list[dict[str, Any]],
+    figure: str,
+    by: str,
+    name: str,
+    label: Callable[[dict[str, Any]], str],
+) -> list[str]:
+    """Under a table whose targets took turns: how its rows were chosen, and every round."""
+    rounds = max((len(r.get("rounds", [])) for r in rows), default=0)
+    if rounds <= 1:
+        return []
+    spread = [
+        f"{label(r)}: " + " / ".join(_fmt(x.get(figure), 0) for x in r["rounds"])
+        for r in rows
+        if r.get("rounds")
+    ]
+    return [
+        "",
+        f"Each row is the median of up to {rounds} rounds by {by} (a failed round is listed, "
+        "not counted); the targets took turns, round by round, so that drift in the machine's "
+        f"speed weighs on all alike. {name}, round by round: " + "; ".join(spread) + ".",
+    ]
 
 
 def _two_nodes(results: dict[str, Any]) -> list[str]:

@@ -10,7 +10,10 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from redis.asyncio import Redis
+from sqlalchemy import text
 
+from apix.config import DatabaseSettings
+from apix.infra.database import Database
 from apix.realtime.broker import Broker
 from apix.realtime.channels import NAMESPACES, ChannelRef
 from tests.conftest import LiveServer, Servers
@@ -123,3 +126,49 @@ async def test_the_text_of_an_escape_is_not_u0000(
     sent = await http_publish(client, admin.headers, "agents:a1", data={text: text})
     rows = await wait_archived(servers, admin.org_id, 1)
     assert [(r[2], r[5]) for r in rows] == [(sent["offset"], {text: text})]
+
+
+async def test_entries_with_odd_metadata_are_archived_as_postgresql_reads_them(
+    client: httpx.AsyncClient, servers: Servers, redis: Redis
+) -> None:
+    """Metadata that is not an object is stored as `{}`, and a session id that is not a
+    string as its JSON text, whichever path writes the row."""
+    admin = await new_org_admin(client)
+    queue = ChannelRef("agents:a2", NAMESPACES["agents"], "a2", admin.org_id).archive_key
+    fields = {"t": admin.org_id, "c": "agents:a2", "e": "e1"}
+    odd = [
+        b'{"id": "evt_1", "type": "x", "meta": [1]}',
+        b'{"id": "evt_2", "type": "x", "meta": {"session_id": 5}}',
+    ]
+    for seq, event in enumerate(odd, start=1):
+        await redis.xadd(queue, {**fields, "o": f"2-{seq}", "d": event})
+        # The same again, with U+0000 in its data: written by the row-by-row path.
+        nul = event.replace(b'"type"', b'"data": "\\u0000", "type"')
+        await redis.xadd(queue, {**fields, "o": f"3-{seq}", "d": nul})
+    rows = await wait_archived(servers, admin.org_id, 4)
+    got = {r[2]: (r[5], r[6]) for r in rows}
+    assert got == {
+        "2-1": (None, None),
+        "2-2": (None, "5"),
+        "3-1": ("\ufffd", None),
+        "3-2": ("\ufffd", "5"),
+    }
+    database_rows = await _metadata(servers, admin.org_id)
+    assert database_rows == {
+        "2-1": {},
+        "2-2": {"session_id": 5},
+        "3-1": {},
+        "3-2": {"session_id": 5},
+    }
+
+
+async def _metadata(servers: Servers, org_id: str) -> dict[str, object]:
+    database = Database(servers.database_url, DatabaseSettings())
+    try:
+        async with database.transaction(uuid.UUID(org_id)) as uow:
+            result = await uow.session.execute(
+                text("SELECT offset_ms || '-' || offset_seq, metadata FROM apix_event")
+            )
+            return {str(offset): metadata for offset, metadata in result.all()}
+    finally:
+        await database.dispose()

@@ -386,6 +386,8 @@ async def revoke_api_key(
     rt: IdentityRuntime, principal: Principal, key_id: uuid.UUID, meta: RequestMeta
 ) -> None:
     await _revoke_row(rt, principal, ApiKey, key_id, meta, kind="api_key")
+    # Committed: every node that kept the key reads it again (now revoked) before using it.
+    await rt.revocations.revoke_key(key_id)
 
 
 # --- sessions (the caller's own) --------------------------------------------------------

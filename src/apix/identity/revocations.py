@@ -9,6 +9,10 @@ The copy is used only while it is known to be current: loaded since the subscrip
 last (re)established, and Redis heard from within `_STALE_S` (the watcher pings every
 `_PING_S`). Otherwise (before the first load, while the subscription is down, or when Redis
 stopped answering) every check asks Redis, as it always did.
+
+API keys are cached per node by their readers (`IdentityRuntime.api_keys`); a revoked key
+is announced here and bumps `keys_generation`, as does every (re)load of the copy (an
+announcement may have been missed before it), so a key read before the bump is read again.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ log = get_logger(__name__)
 
 REVOKED_KEY = "apix:auth:revoked"  # sorted set: session id → expiry (ms)
 SUSPENDED_KEY = "apix:auth:suspended"  # set: organisation ids
-# Announcements: "s <expiry ms> <session id>...", "o+ <organisation id>", "o- <organisation id>".
+# Announcements: "s <expiry ms> <session id>...", "o+ <organisation id>", "o- <organisation id>",
+# "k <API key id>".
 CHANGES = "apix:auth:changes"
 
 _PING_S = 1.0
@@ -49,6 +54,9 @@ class Revocations:
         self._pubsub: WatchedPubSub | None = None
         self._stopping = False
         self._polling = False  # waiting in `get_message`: safe to interrupt at stop
+        # Bumped whenever an API key may have been revoked anywhere: its announcement, or
+        # the copy (re)loaded. Only what was read at the current generation may be reused.
+        self.keys_generation = 0
 
     @property
     def current(self) -> bool:
@@ -108,6 +116,11 @@ class Revocations:
             self._orgs.add(org_id)
         else:
             self._orgs.discard(org_id)
+
+    async def revoke_key(self, key_id: uuid.UUID) -> None:
+        """Announce a revoked API key: every node reads its keys from PostgreSQL again."""
+        self.keys_generation += 1  # this node at once, announcement or not
+        await self.redis.publish(CHANGES, f"k {key_id}")
 
     # --- the watcher --------------------------------------------------------------------
 
@@ -175,6 +188,7 @@ class Revocations:
             sessions, orgs = await pipe.execute()
         self._sessions = {uuid.UUID(sid.decode()): ms / 1000 for sid, ms in sessions}
         self._orgs = {uuid.UUID(org.decode()) for org in orgs}
+        self.keys_generation += 1
         self._loaded = True
 
     def _apply(self, data: bytes) -> None:
@@ -187,6 +201,8 @@ class Revocations:
             self._orgs.add(uuid.UUID(rest))
         elif kind == "o-":
             self._orgs.discard(uuid.UUID(rest))
+        elif kind == "k":
+            self.keys_generation += 1
 
     def _prune(self) -> None:
         now = time.time()

@@ -5,6 +5,11 @@ Revocations live in Redis, announced to every node, which keeps a copy in memory
 round trip of Redis, and the per-request check is a lookup. PostgreSQL keeps the durable
 record; `IdentityRuntime.resync` copies it back into Redis when a node starts, so a Redis
 restart cannot quietly revive revoked tokens.
+
+API keys a node has read are kept for a minute (`api_keys`), so a service publishing with
+one does not cost a PostgreSQL transaction per request. A key is read again once it may
+have been revoked: at its announcement on any node, whenever the copy of the revocations
+is (re)loaded, and always while that copy is not current.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from apix.core.time import utcnow
 from apix.identity.keys import KeyRing
 from apix.identity.models import Organization, SessionRevocation
 from apix.identity.passwords import Passwords
+from apix.identity.principal import Principal
 from apix.identity.revocations import Revocations
 from apix.identity.tokens import AccessClaims
 from apix.infra.database import Database
@@ -33,6 +39,18 @@ from apix.infra.redis import AutoPipeline
 
 _VERIFIED_MAX = 10_000
 _VERIFIED_TTL_S = 60.0
+_API_KEYS_MAX = 10_000
+_API_KEYS_TTL_S = 60.0  # also how often a busy key's `last_used_at` is written, at most
+
+
+@dataclass(frozen=True, slots=True)
+class CachedApiKey:
+    """An API key as read from PostgreSQL, and when: usable while `generation` is still
+    the revocations' `keys_generation`."""
+
+    principal: Principal
+    expires_at: float | None  # epoch seconds
+    generation: int
 
 
 @dataclass
@@ -48,6 +66,10 @@ class IdentityRuntime:
     # busy client is not verified again for a minute (expiry and revocation still are).
     verified: TTLCache[str, AccessClaims] = field(
         default_factory=lambda: TTLCache(maxsize=_VERIFIED_MAX, ttl=_VERIFIED_TTL_S)
+    )
+    # API keys read from PostgreSQL, by the SHA-256 of the key (never the key itself).
+    api_keys: TTLCache[str, CachedApiKey] = field(
+        default_factory=lambda: TTLCache(maxsize=_API_KEYS_MAX, ttl=_API_KEYS_TTL_S)
     )
     # Revocation checks of concurrent requests and connects share round trips.
     batch: AutoPipeline = field(init=False)

@@ -37,7 +37,7 @@ from apix.identity.models import (
 from apix.identity.passwords import Passwords
 from apix.identity.permissions import ROLE_PERMISSIONS, Role
 from apix.identity.principal import Principal, PrincipalKind
-from apix.identity.runtime import IdentityRuntime
+from apix.identity.runtime import CachedApiKey, IdentityRuntime
 from apix.identity.schemas import (
     LoginRequest,
     MfaEnrollment,
@@ -663,7 +663,27 @@ async def authenticate(rt: IdentityRuntime, credential: str) -> Principal:
 
 async def _authenticate_api_key(rt: IdentityRuntime, key: str) -> Principal:
     digest = token_hash(key)
-    async with rt.database.transaction() as uow:
+    revocations = rt.revocations
+    cached = rt.api_keys.get(digest)
+    if (
+        cached is None
+        or cached.generation != revocations.keys_generation
+        or not revocations.current
+    ):
+        # Taken before reading: a revocation announced meanwhile makes this read stale.
+        generation = revocations.keys_generation
+        cached = await _read_api_key(rt.database, digest, generation)
+        rt.api_keys[digest] = cached
+    elif cached.expires_at is not None and cached.expires_at <= time.time():
+        raise errors.TokenExpired("the API key has expired")
+    principal = cached.principal
+    if await rt.is_revoked(None, principal.org_id):
+        raise errors.InvalidToken("the organization is suspended")
+    return principal
+
+
+async def _read_api_key(database: Database, digest: str, generation: int) -> CachedApiKey:
+    async with database.transaction() as uow:
         await set_lookup(uow.session, digest)
         row = await uow.session.scalar(select(ApiKey).where(ApiKey.token_hash == digest))
         now = utcnow()
@@ -675,18 +695,18 @@ async def _authenticate_api_key(rt: IdentityRuntime, key: str) -> Principal:
             # Recorded at most once a minute: a busy key must not cost a write per request.
             await set_tenant(uow.session, row.org_id)
             row.last_used_at = now
-    if await rt.is_revoked(None, row.org_id):
-        raise errors.InvalidToken("the organization is suspended")
     role = Role(row.role) if row.role else None
     permissions = ROLE_PERMISSIONS[role] if role is not None else frozenset(row.permissions or ())
-    return Principal(
+    expires_at = row.expires_at.timestamp() if row.expires_at else None
+    principal = Principal(
         kind=PrincipalKind.API_KEY,
         org_id=row.org_id,
         role=role or Role.VIEWER,
         permissions=permissions,
         api_key_id=row.id,
-        token_expires_at=int(row.expires_at.timestamp() * 1000) if row.expires_at else None,
+        token_expires_at=int(expires_at * 1000) if expires_at is not None else None,
     )
+    return CachedApiKey(principal, expires_at, generation)
 
 
 async def validate(rt: IdentityRuntime, credential: str | None) -> TokenValidation:

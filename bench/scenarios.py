@@ -437,7 +437,7 @@ def _http_once(ctx: Context, key: str, suffix: str) -> dict[str, Any]:
     try:
         with _with_target(ctx, target):
             run = ctx.next_run()
-            url, headers = target.http_url("room:http")
+            url, headers = target.http_url("room:http", cfg.get("credential", "token"))
             gen = loadgen.publisher(
                 ctx.workdir,
                 f"gen-http-{run}",
@@ -481,10 +481,14 @@ def _http_once(ctx: Context, key: str, suffix: str) -> dict[str, Any]:
         "server_us_per_event": round(server.cpu * 1e6 / ok, 1) if ok else None,
         "total_us_per_event": round((server.cpu + aux.cpu) * 1e6 / ok, 1) if ok else None,
         "generator_cores": round(gens.cpu / gens.wall, 3),
+        "aux_us_per_event": round(aux.cpu * 1e6 / ok, 1) if ok else None,
     }
+    if "credential" in cfg:
+        row["credential"] = cfg["credential"]
     log(
         f"  {key}: {row['events_per_s']} events/s, p50 {row['latency']['p50_ms']} ms, "
-        f"p99 {row['latency']['p99_ms']} ms, server {row['server_us_per_event']} µs/event"
+        f"p99 {row['latency']['p99_ms']} ms, server {row['server_us_per_event']} µs/event, "
+        f"aux {row['aux_us_per_event']} µs/event"
     )
     return row
 

@@ -60,7 +60,10 @@ class Target:
     def ws_urls(self) -> list[str]:
         raise NotImplementedError
 
-    def http_url(self, channel: str) -> tuple[str, dict[str, str]]:
+    def http_url(self, channel: str, credential: str = "token") -> tuple[str, dict[str, str]]:
+        """Where to publish to ``channel`` over HTTP, and the headers to send. APIX
+        authenticates with its access token, or an API key with ``credential="api_key"``
+        (the baselines check neither)."""
         raise NotImplementedError
 
     def server_pids(self) -> list[int]:
@@ -101,7 +104,7 @@ class PythonBaseline(Target):
             return [f"ws://127.0.0.1:{self.ports[0]}/socket.io/"]
         return [f"ws://127.0.0.1:{self.ports[0]}{self.path}"]
 
-    def http_url(self, channel: str) -> tuple[str, dict[str, str]]:
+    def http_url(self, channel: str, credential: str = "token") -> tuple[str, dict[str, str]]:
         return f"http://127.0.0.1:{self.ports[0]}/publish/{channel}", {}
 
 
@@ -119,7 +122,7 @@ class NodeBaseline(Target):
     def ws_urls(self) -> list[str]:
         return [f"ws://127.0.0.1:{self.ports[0]}/"]
 
-    def http_url(self, channel: str) -> tuple[str, dict[str, str]]:
+    def http_url(self, channel: str, credential: str = "token") -> tuple[str, dict[str, str]]:
         return f"http://127.0.0.1:{self.ports[0]}/publish/{channel}", {}
 
 
@@ -236,9 +239,21 @@ class Apix(Target):
     def ws_urls(self) -> list[str]:
         return [f"ws://127.0.0.1:{port}/api/v1/apix/ws" for port in self.ports]
 
-    def http_url(self, channel: str) -> tuple[str, dict[str, str]]:
+    def http_url(self, channel: str, credential: str = "token") -> tuple[str, dict[str, str]]:
         url = f"http://127.0.0.1:{self.ports[0]}/api/v1/apix/channels/{channel}/events"
-        return url, {"authorization": f"Bearer {self.token}"}
+        secret = self._api_key() if credential == "api_key" else self.token
+        return url, {"authorization": f"Bearer {secret}"}
+
+    def _api_key(self) -> str:
+        """A developer's API key of the benchmark's organisation (how services publish)."""
+        base = f"http://127.0.0.1:{self.ports[0]}/api/v1"
+        headers = {"authorization": f"Bearer {self.token}"}
+        with httpx.Client(base_url=base, timeout=30, headers=headers) as http:
+            body = {"name": f"bench-{uuid.uuid4().hex[:8]}", "role": "DEVELOPER"}
+            created = http.post("/admin/api-keys", json=body)
+            if created.status_code != 201:
+                raise HarnessError(f"API key failed: {created.status_code} {created.text}")
+            return str(created.json()["key"])
 
     def aux_pids(self) -> list[int]:
         """Redis, PostgreSQL and the `apix worker` archiving the events."""

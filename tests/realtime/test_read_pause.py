@@ -36,10 +36,11 @@ async def _until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
 
 
 class KeyLocks:
-    """Locks on the `api_key` table, which a `refresh` with an API key reads: the refresh
-    under way waits until the lock is released. PostgreSQL grants locks in the order they
-    were asked for, so a lock queued behind a waiting refresh is granted once that refresh
-    is done, and holds the next refresh in turn."""
+    """Locks on the `api_key` table, which a `refresh` with an API key reads (while the
+    node keeps no keys: see the test): the refresh under way waits until the lock is
+    released. PostgreSQL grants locks in the order they were asked for, so a lock queued
+    behind a waiting refresh is granted once that refresh is done, and holds the next
+    refresh in turn."""
 
     def __init__(self, engine: AsyncEngine, probe: AsyncConnection) -> None:
         self.engine = engine
@@ -102,6 +103,9 @@ async def test_reading_pauses_at_32_waiting_and_resumes_below_16(
 ) -> None:
     admin = await new_org_admin(client)
     key = (await new_api_key(client, admin, role="DEVELOPER"))["key"]
+    # A node keeps the API keys it read while its copy of the revocations is current; with
+    # that copy stopped, every refresh reads the key from PostgreSQL, where the locks hold it.
+    await live.app.state.identity.revocations.stop()
     async with raw_socket(live.ws) as raw, key_locks(owner_engine) as locks:
         hello = await raw.connect(key)
         connection = live.app.state.gateway.connections[hello["connection_id"]]

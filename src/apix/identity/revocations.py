@@ -10,6 +10,10 @@ last (re)established, and Redis heard from within `_STALE_S` (the watcher pings 
 `_PING_S`). Otherwise (before the first load, while the subscription is down, or when Redis
 stopped answering) every check asks Redis, as it always did.
 
+Whoever holds something authenticated with a credential (the gateway: connections and
+SSE streams) listens here (`listeners`) and is told of each revocation this node hears
+announced, and at once of those it makes.
+
 API keys are cached per node by their readers (`IdentityRuntime.api_keys`); a revoked key
 is announced here and bumps `keys_generation`, as does every (re)load of the copy (an
 announcement may have been missed before it), so a key read before the bump is read again.
@@ -21,7 +25,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
 
@@ -36,6 +40,10 @@ SUSPENDED_KEY = "apix:auth:suspended"  # set: organisation ids
 # Announcements: "s <expiry ms> <session id>...", "o+ <organisation id>", "o- <organisation id>",
 # "k <API key id>".
 CHANGES = "apix:auth:changes"
+
+# A listener is told what was revoked: ("session", ids), ("organization", [id]) when it is
+# suspended, or ("api_key", [id]).
+Listener = Callable[[str, Sequence[uuid.UUID]], None]
 
 _PING_S = 1.0
 _STALE_S = 3.0
@@ -57,6 +65,7 @@ class Revocations:
         # Bumped whenever an API key may have been revoked anywhere: its announcement, or
         # the copy (re)loaded. Only what was read at the current generation may be reused.
         self.keys_generation = 0
+        self.listeners: list[Listener] = []
 
     @property
     def current(self) -> bool:
@@ -103,6 +112,7 @@ class Revocations:
             await pipe.execute()
         for sid in session_ids:  # this node refuses them at once, announcement or not
             self._sessions[sid] = expiry_ms / 1000
+        self._tell("session", session_ids)
 
     async def suspend(self, org_id: uuid.UUID, suspended: bool) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -114,13 +124,22 @@ class Revocations:
             await pipe.execute()
         if suspended:
             self._orgs.add(org_id)
+            self._tell("organization", [org_id])
         else:
             self._orgs.discard(org_id)
 
     async def revoke_key(self, key_id: uuid.UUID) -> None:
         """Announce a revoked API key: every node reads its keys from PostgreSQL again."""
         self.keys_generation += 1  # this node at once, announcement or not
+        self._tell("api_key", [key_id])
         await self.redis.publish(CHANGES, f"k {key_id}")
+
+    def _tell(self, kind: str, ids: Sequence[uuid.UUID]) -> None:
+        for listener in self.listeners:
+            try:
+                listener(kind, ids)
+            except Exception:  # the revocation stands; only that listener's reaction is lost
+                log.exception("revocations: a listener failed", kind=kind)
 
     # --- the watcher --------------------------------------------------------------------
 
@@ -190,19 +209,29 @@ class Revocations:
         self._orgs = {uuid.UUID(org.decode()) for org in orgs}
         self.keys_generation += 1
         self._loaded = True
+        # Announcements may have been missed while the subscription was down: what they
+        # named is in the copy now, so listeners hear of it again (they ignore what they
+        # already ended). Revoked API keys are not kept in Redis: those are not repeated.
+        self._tell("session", list(self._sessions))
+        self._tell("organization", list(self._orgs))
 
     def _apply(self, data: bytes) -> None:
         kind, _, rest = data.decode().partition(" ")
         if kind == "s":
             expiry_ms, *ids = rest.split()
-            for sid in ids:
-                self._sessions[uuid.UUID(sid)] = int(expiry_ms) / 1000
+            sessions = [uuid.UUID(sid) for sid in ids]
+            for sid in sessions:
+                self._sessions[sid] = int(expiry_ms) / 1000
+            self._tell("session", sessions)
         elif kind == "o+":
-            self._orgs.add(uuid.UUID(rest))
+            org_id = uuid.UUID(rest)
+            self._orgs.add(org_id)
+            self._tell("organization", [org_id])
         elif kind == "o-":
             self._orgs.discard(uuid.UUID(rest))
         elif kind == "k":
             self.keys_generation += 1
+            self._tell("api_key", [uuid.UUID(rest)])
 
     def _prune(self) -> None:
         now = time.time()

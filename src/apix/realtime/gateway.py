@@ -16,10 +16,10 @@ import time
 import uuid
 import weakref
 from collections import Counter, deque
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiolimiter import AsyncLimiter
@@ -99,6 +99,9 @@ RATE_LIMITED = 4029
 SHUTTING_DOWN = 4500
 TOO_LARGE = 1009
 
+# What each kind of revocation names, on a principal (`Gateway.revoked`).
+_REVOKED_BY = {"session": "session_id", "organization": "org_id", "api_key": "api_key_id"}
+
 _SESSION_SAVE_S = 5.0
 # Session positions are saved a slice of the connections at a time, so that no single
 # loop turn builds and sends thousands of them (a stall every event waits out).
@@ -110,6 +113,15 @@ _CLOSE_TIMEOUT_S = 5.0
 _INBOX_PAUSE = 32
 # `monitor` events published by one script run at most (bounds how long it holds Redis).
 _MONITOR_BATCH = 100
+
+
+class Stream(Protocol):
+    """What streams to one authenticated client besides a connection: an SSE response."""
+
+    principal: Principal
+
+    def end(self) -> None:
+        """Finish the stream soon (its credential was revoked)."""
 
 
 class Gateway:
@@ -171,6 +183,8 @@ class Gateway:
         self.closing = False
         # Set by the monitoring runtime: latency samples and delivery counts.
         self.probe: DeliveryProbe | None = None
+        # Open SSE streams, each told to end when its credential is revoked (`revoked`).
+        self.streams: set[Stream] = set()
         # Connections that owe a `connect`, with their deadlines (`expect_connect`).
         self._awaiting: deque[tuple[float, weakref.ref[ClientConnection]]] = deque()
         self._connect_sweep: asyncio.TimerHandle | None = None
@@ -184,8 +198,11 @@ class Gateway:
         await self.redelivery.start()
         for loop in self._loops:
             loop.start()
+        self.identity.revocations.listeners.append(self.revoked)
 
     async def stop(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.identity.revocations.listeners.remove(self.revoked)
         await self.shutdown_connections()
         for loop in self._loops:
             await loop.stop()
@@ -219,6 +236,24 @@ class Gateway:
             log.warning("real-time backend interrupted; clients resume", clients=len(connections))
         for connection in connections:
             connection.close(SHUTTING_DOWN, "real-time backend interrupted; reconnect and resume")
+
+    def revoked(self, kind: str, ids: Sequence[uuid.UUID]) -> None:
+        """End what was authenticated with a revoked credential, on this node: connections
+        close with 4001 (after a `disconnect` saying why), SSE streams end.
+
+        ``kind`` is what `apix.identity.revocations` announces: ``session`` (logout,
+        password change, role change...), ``organization`` (suspended) or ``api_key``.
+        Revocations are rare, so a walk over the node's connections is fine.
+        """
+        field = _REVOKED_BY[kind]
+        gone = set(ids)
+        for connection in list(self.connections.values()):
+            principal = connection.principal
+            if principal is not None and getattr(principal, field) in gone:
+                connection.revoke()
+        for stream in list(self.streams):
+            if getattr(stream.principal, field) in gone:
+                stream.end()
 
     def _control(self, message: dict[str, Any]) -> None:
         connection = self.connections.get(str(message.get("kick")))
@@ -1126,6 +1161,15 @@ class ClientConnection:
         frame = '{"op":"disconnect","code":4003,"reason":"token expired","reconnect":true}'
         self.queue.close()
         self._finish_with(TOKEN_EXPIRED, self._send_then_close(frame, TOKEN_EXPIRED, "expired"))
+
+    def revoke(self) -> None:
+        """Its credential was revoked: say so, then close with 4001 (do not reconnect
+        without a new credential)."""
+        if self.finishing is not None:
+            return
+        frame = '{"op":"disconnect","code":4001,"reason":"credential revoked","reconnect":false}'
+        self.queue.close()
+        self._finish_with(UNAUTHORIZED, self._send_then_close(frame, UNAUTHORIZED, "revoked"))
 
     async def _send_then_close(self, frame: str, code: int, reason: str) -> None:
         with contextlib.suppress(Exception):

@@ -38,9 +38,12 @@ def parse_position(value: str) -> tuple[str, Position]:
 
 
 class SseOutbox:
-    """A subscriber's queue for one SSE response, bounded like the WebSocket one."""
+    """A subscriber's queue for one SSE response, bounded like the WebSocket one; the
+    gateway ends it (`end`) when the credential it was opened with is revoked."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, principal: Principal) -> None:
+        self.principal = principal
+        self.ended = False
         self.frames: deque[str] = deque()
         self.size = 0
         self.limit = limit
@@ -55,6 +58,10 @@ class SseOutbox:
         self.size += len(frame)
         if self.size > self.limit:
             self.overflowed = True
+        self.wakeup.set()
+
+    def end(self) -> None:
+        self.ended = True
         self.wakeup.set()
 
 
@@ -74,7 +81,7 @@ async def open_stream(
         channel = channel_registry.parse(name, principal)
         channel_registry.check_subscribe(principal, channel)
         refs.append(channel)
-    outbox = SseOutbox(gateway.config.send_buffer_bytes)
+    outbox = SseOutbox(gateway.config.send_buffer_bytes, principal)
     subs: list[Subscription] = []
     try:
         for channel in refs:
@@ -110,6 +117,7 @@ async def _pump(
     # After a Redis interruption the stream ends (within a heartbeat): the client comes
     # back with Last-Event-ID and the replay fills the gap or says it cannot.
     interruptions = gateway.hub.stats.interruptions
+    gateway.streams.add(outbox)
     try:
         yield ": connected\n\n"
         while (
@@ -120,6 +128,10 @@ async def _pump(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(outbox.wakeup.wait(), timeout=heartbeat)
             outbox.wakeup.clear()
+            if outbox.ended:  # `end` sets the wakeup too
+                # Its credential was revoked: nothing more is sent. The browser comes back
+                # with the same credential, is refused (401), and stops.
+                return
             if gateway.hub.stats.interruptions != interruptions:
                 # What is buffered came after a gap: sending it would move the client's
                 # Last-Event-ID past events it never got. End here; it resumes before them.
@@ -132,6 +144,7 @@ async def _pump(
             outbox.size = 0
             yield chunk
     finally:
+        gateway.streams.discard(outbox)
         for sub in subs:
             with contextlib.suppress(Exception):
                 await gateway.hub.remove(sub)

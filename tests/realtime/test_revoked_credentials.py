@@ -1,0 +1,146 @@
+"""A revoked credential ends what it opened, on every node: WebSocket connections close with
+4001 after a `disconnect` saying why, SSE streams end. Revoking an API key, logging out
+(the session) and suspending an organisation are the three revocations."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import httpx
+import pytest
+
+from apix.identity.runtime import IdentityRuntime
+from tests.conftest import LiveServer, Servers, running_node
+from tests.identity.factories import (
+    Account,
+    bearer,
+    login,
+    new_api_key,
+    new_org_admin,
+    new_super_admin,
+)
+from tests.realtime.raw import Raw, connected
+from tests.realtime.test_sse import sse
+
+Node = tuple[httpx.AsyncClient, LiveServer]
+REVOKED = {"op": "disconnect", "code": 4001, "reason": "credential revoked", "reconnect": False}
+
+
+@pytest.fixture
+async def nodes(servers: Servers) -> AsyncIterator[list[Node]]:
+    """Two nodes on one PostgreSQL and Redis, each on a real socket."""
+    async with AsyncExitStack() as stack:
+        yield [
+            await stack.enter_async_context(running_node(servers, node_id=name))
+            for name in ("node-a", "node-b")
+        ]
+
+
+async def _revoked(raw: Raw) -> None:
+    code, _ = await raw.closed()
+    assert code == 4001
+    assert REVOKED in raw.frames  # told why before the close
+
+
+async def _revoke_key(http: httpx.AsyncClient, admin: Account, key_id: str) -> None:
+    revoked = await http.delete(f"/api/v1/admin/api-keys/{key_id}", headers=admin.headers)
+    assert revoked.status_code == 204
+
+
+async def _still_open(raw: Raw, channel: str) -> None:
+    assert (await raw.subscribe(channel))["channel"] == channel
+
+
+async def test_a_revoked_api_keys_connections_close_on_every_node(nodes: list[Node]) -> None:
+    (http_a, live_a), (_, live_b) = nodes
+    admin = await new_org_admin(http_a)
+    created = await new_api_key(http_a, admin, role="DEVELOPER")
+    other = await new_api_key(http_a, admin, role="DEVELOPER")
+    async with (
+        connected(live_a.ws, created["key"]) as on_a,
+        connected(live_b.ws, created["key"]) as on_b,
+        connected(live_b.ws, other["key"]) as untouched,
+        connected(live_b.ws, admin.access_token) as user,
+    ):
+        await _revoke_key(http_a, admin, created["id"])
+        await _revoked(on_a)  # the revoking node
+        await _revoked(on_b)  # the other, once announced
+        await _still_open(untouched, "room:after")
+        await _still_open(user, "room:after")
+
+
+async def test_a_logout_closes_that_sessions_connections_only(nodes: list[Node]) -> None:
+    (http_a, _), (_, live_b) = nodes
+    admin = await new_org_admin(http_a)
+    second = await login(http_a, admin.email)  # the same user, another session
+    async with (
+        connected(live_b.ws, admin.access_token) as first_session,
+        connected(live_b.ws, second["access_token"]) as second_session,
+    ):
+        logout = await http_a.post("/api/v1/auth/logout", headers=admin.headers)
+        assert logout.status_code == 204
+        await _revoked(first_session)
+        await _still_open(second_session, "room:after")
+
+
+async def test_a_suspended_organisations_connections_close(nodes: list[Node]) -> None:
+    (http_a, live_a), (_, live_b) = nodes
+    app: Any = live_a.app
+    runtime: IdentityRuntime = app.state.identity
+    suspended = await new_org_admin(http_a)
+    key = (await new_api_key(http_a, suspended, role="DEVELOPER"))["key"]
+    home = await new_org_admin(http_a)
+    root = await new_super_admin(http_a, runtime)
+    operator = (await login(http_a, root["user"]["email"], organization_slug=home.org_slug))[
+        "access_token"
+    ]
+    async with (
+        connected(live_b.ws, suspended.access_token) as member,
+        connected(live_b.ws, key) as service,
+        connected(live_b.ws, home.access_token) as elsewhere,
+    ):
+        path = f"/api/v1/admin/organizations/{suspended.org_id}/suspend"
+        assert (await http_a.post(path, headers=bearer(operator))).status_code == 200
+        await _revoked(member)
+        await _revoked(service)
+        await _still_open(elsewhere, "room:after")
+
+
+async def test_a_revoked_api_keys_sse_stream_ends(nodes: list[Node]) -> None:
+    (http_a, _), (_, live_b) = nodes
+    admin = await new_org_admin(http_a)
+    created = await new_api_key(http_a, admin, role="DEVELOPER")
+    base = f"http://127.0.0.1:{live_b.port}"
+    async with (
+        sse(base, ["room:sse-revoked"], token=created["key"]) as revoked_stream,
+        sse(base, ["room:sse-revoked"], token=admin.access_token) as kept_stream,
+    ):
+        await _revoke_key(http_a, admin, created["id"])
+        with pytest.raises(AssertionError, match="the stream ended"):
+            await revoked_stream.item(within=5.0)
+        published = await http_a.post(
+            "/api/v1/apix/channels/room:sse-revoked/events",
+            headers=admin.headers,
+            json={"type": "after.revoke", "data": {}},
+        )
+        assert published.status_code == 201
+        (event,) = await kept_stream.events(1)
+        assert event["event"] == "after.revoke"
+
+
+async def test_a_node_that_missed_a_logout_closes_its_connection_once_it_hears_again(
+    nodes: list[Node],
+) -> None:
+    (http_a, _), (_, live_b) = nodes
+    app_b: Any = live_b.app
+    revocations = app_b.state.identity.revocations
+    admin = await new_org_admin(http_a)
+    async with connected(live_b.ws, admin.access_token) as on_b:
+        await revocations.stop()  # node B misses the announcement
+        logout = await http_a.post("/api/v1/auth/logout", headers=admin.headers)
+        assert logout.status_code == 204
+        await _still_open(on_b, "room:deaf")
+        revocations.start()  # loads the copy, which holds the revoked session
+        await _revoked(on_b)

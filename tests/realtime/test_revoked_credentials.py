@@ -4,12 +4,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from apix.identity.runtime import IdentityRuntime
 from tests.conftest import LiveServer, Servers, running_node
@@ -21,7 +24,8 @@ from tests.identity.factories import (
     new_org_admin,
     new_super_admin,
 )
-from tests.realtime.raw import Raw, connected
+from tests.realtime.raw import Raw, connected, raw_socket
+from tests.realtime.test_read_pause import KeyLocks, key_locks
 from tests.realtime.test_sse import sse
 
 Node = tuple[httpx.AsyncClient, LiveServer]
@@ -75,13 +79,17 @@ async def test_a_logout_closes_that_sessions_connections_only(nodes: list[Node])
     (http_a, _), (_, live_b) = nodes
     admin = await new_org_admin(http_a)
     second = await login(http_a, admin.email)  # the same user, another session
+    base = f"http://127.0.0.1:{live_b.port}"
     async with (
         connected(live_b.ws, admin.access_token) as first_session,
         connected(live_b.ws, second["access_token"]) as second_session,
+        sse(base, ["room:logout"], token=admin.access_token) as first_stream,
     ):
         logout = await http_a.post("/api/v1/auth/logout", headers=admin.headers)
         assert logout.status_code == 204
         await _revoked(first_session)
+        with pytest.raises(AssertionError, match="the stream ended"):
+            await first_stream.item(within=5.0)
         await _still_open(second_session, "room:after")
 
 
@@ -120,6 +128,9 @@ async def test_a_revoked_api_keys_sse_stream_ends(nodes: list[Node]) -> None:
         await _revoke_key(http_a, admin, created["id"])
         with pytest.raises(AssertionError, match="the stream ended"):
             await revoked_stream.item(within=5.0)
+        with pytest.raises(AssertionError, match="SSE answered 401"):  # the browser's retry
+            async with sse(base, ["room:sse-revoked"], token=created["key"]):
+                pass
         published = await http_a.post(
             "/api/v1/apix/channels/room:sse-revoked/events",
             headers=admin.headers,
@@ -144,3 +155,64 @@ async def test_a_node_that_missed_a_logout_closes_its_connection_once_it_hears_a
         await _still_open(on_b, "room:deaf")
         revocations.start()  # loads the copy, which holds the revoked session
         await _revoked(on_b)
+
+
+# --- revoked while being checked: refused as it joins ------------------------------------
+
+
+@pytest.fixture
+async def slow_keys(servers: Servers, owner_engine: AsyncEngine) -> AsyncIterator[Any]:
+    """One node whose API-key reads wait on a lock of the `api_key` table (its copy of the
+    revocations stopped, so every key is read from PostgreSQL): a revocation can be heard
+    while a credential is being checked."""
+    async with running_node(servers, node_id="node-slow") as (http, live):
+        app: Any = live.app
+        await app.state.identity.revocations.stop()
+        async with key_locks(owner_engine) as locks:
+            yield http, live, locks
+
+
+async def _announced_while_checked(live: LiveServer, locks: KeyLocks, key_id: str) -> None:
+    """With a key check waiting on the lock: the key's revocation is heard (the listener
+    the announcement reaches), then the check goes on."""
+    await locks.waiting(1)
+    app: Any = live.app
+    app.state.gateway.revoked("api_key", [uuid.UUID(key_id)])
+    await locks.release()
+
+
+async def test_a_connect_whose_key_is_revoked_while_it_is_checked_is_refused(
+    slow_keys: tuple[httpx.AsyncClient, LiveServer, KeyLocks],
+) -> None:
+    http, live, locks = slow_keys
+    admin = await new_org_admin(http)
+    created = await new_api_key(http, admin, role="DEVELOPER")
+    await asyncio.wait_for(await locks.take(), 5)
+    async with raw_socket(live.ws) as raw:
+        client = {"type": "API_CLIENT", "name": "race"}
+        reply = asyncio.create_task(raw.command("connect", token=created["key"], client=client))
+        await _announced_while_checked(live, locks, created["id"])
+        refused = await reply
+        assert not refused["ok"]
+        assert refused["error"]["code"] == "unauthorized"
+        code, _ = await raw.closed()
+        assert code == 4001
+
+
+async def test_an_sse_stream_whose_key_is_revoked_while_it_is_checked_ends(
+    slow_keys: tuple[httpx.AsyncClient, LiveServer, KeyLocks],
+) -> None:
+    http, live, locks = slow_keys
+    admin = await new_org_admin(http)
+    created = await new_api_key(http, admin, role="DEVELOPER")
+    await asyncio.wait_for(await locks.take(), 5)
+
+    async def stream() -> None:
+        base = f"http://127.0.0.1:{live.port}"
+        async with sse(base, ["room:race"], token=created["key"]) as opened:
+            with pytest.raises(AssertionError, match="the stream ended"):
+                await opened.item(within=5.0)
+
+    reading = asyncio.create_task(stream())
+    await _announced_while_checked(live, locks, created["id"])
+    await reading

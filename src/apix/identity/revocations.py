@@ -132,7 +132,10 @@ class Revocations:
         """Announce a revoked API key: every node reads its keys from PostgreSQL again."""
         self.keys_generation += 1  # this node at once, announcement or not
         self._tell("api_key", [key_id])
-        await self.redis.publish(CHANGES, f"k {key_id}")
+        try:
+            await self.redis.publish(CHANGES, f"k {key_id}")
+        except Exception as exc:  # revoked all the same: other nodes read it within a minute
+            log.warning("revocations: could not announce a revoked API key", error=repr(exc))
 
     def _tell(self, kind: str, ids: Sequence[uuid.UUID]) -> None:
         for listener in self.listeners:

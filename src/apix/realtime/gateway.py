@@ -101,6 +101,7 @@ TOO_LARGE = 1009
 
 # What each kind of revocation names, on a principal (`Gateway.revoked`).
 _REVOKED_BY = {"session": "session_id", "organization": "org_id", "api_key": "api_key_id"}
+_RECENT_REVOCATIONS = 1024
 
 _SESSION_SAVE_S = 5.0
 # Session positions are saved a slice of the connections at a time, so that no single
@@ -185,11 +186,17 @@ class Gateway:
         self.probe: DeliveryProbe | None = None
         # Open SSE streams, each told to end when its credential is revoked (`revoked`).
         self.streams: set[Stream] = set()
+        # Revocations heard so far, and the latest of them (`revoked_since`).
+        self.revocation_mark = 0
+        self._recent_revocations: deque[tuple[int, str, frozenset[uuid.UUID]]] = deque(
+            maxlen=_RECENT_REVOCATIONS
+        )
         # Connections that owe a `connect`, with their deadlines (`expect_connect`).
         self._awaiting: deque[tuple[float, weakref.ref[ClientConnection]]] = deque()
         self._connect_sweep: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
+        self.identity.revocations.listeners.append(self.revoked)
         self.hub.on_interrupted = self._backend_interrupted
         await self.hub.start()
         self.hub.on_control(CONTROL_CHANNEL, self._control)
@@ -198,7 +205,6 @@ class Gateway:
         await self.redelivery.start()
         for loop in self._loops:
             loop.start()
-        self.identity.revocations.listeners.append(self.revoked)
 
     async def stop(self) -> None:
         with contextlib.suppress(ValueError):
@@ -246,14 +252,30 @@ class Gateway:
         Revocations are rare, so a walk over the node's connections is fine.
         """
         field = _REVOKED_BY[kind]
-        gone = set(ids)
+        gone = frozenset(ids)
+        self.revocation_mark += 1
+        self._recent_revocations.append((self.revocation_mark, field, gone))
         for connection in list(self.connections.values()):
             principal = connection.principal
             if principal is not None and getattr(principal, field) in gone:
-                connection.revoke()
+                try:
+                    connection.revoke()
+                except Exception:  # the others are still closed
+                    log.exception("could not close a revoked connection", id=connection.id)
         for stream in list(self.streams):
             if getattr(stream.principal, field) in gone:
                 stream.end()
+
+    def revoked_since(self, mark: int, principal: Principal) -> bool:
+        """Whether a revocation heard after ``mark`` (a `revocation_mark` read before
+        authenticating) names ``principal``: for what authenticated while it was walked,
+        and joins `connections` or `streams` only now."""
+        if mark == self.revocation_mark:
+            return False
+        recent = self._recent_revocations
+        if not recent or recent[0][0] > mark + 1:  # more came than are remembered
+            return True
+        return any(n > mark and getattr(principal, f) in gone for n, f, gone in recent)
 
     def _control(self, message: dict[str, Any]) -> None:
         connection = self.connections.get(str(message.get("kick")))
@@ -779,6 +801,7 @@ class ClientConnection:
         if self.principal is not None:
             raise BadRequest("already connected")
         self.awaiting_connect = False
+        mark = self.gateway.revocation_mark
         try:
             principal = await identity.authenticate(self.gateway.identity, command.token)
         except identity_errors.TokenExpired:
@@ -801,6 +824,11 @@ class ClientConnection:
         if gateway.closing:  # shut down while the token was checked: go elsewhere
             self.close(SHUTTING_DOWN, "node shutting down")
             return
+        if gateway.revoked_since(mark, principal):  # revoked while it was checked
+            self._error(command.id, "unauthorized", "the credential was revoked")
+            self.close(UNAUTHORIZED, "unauthorized", flush=True)
+            return
+        # No await from here until it is in `connections`, where revocations find it.
         self.principal = principal
         now = datetime.now(UTC)
         self.record = ConnectionRecord(
@@ -1089,6 +1117,7 @@ class ClientConnection:
     async def _refresh(self, command: RefreshCommand) -> None:
         principal = self.principal
         assert principal is not None  # noqa: S101
+        mark = self.gateway.revocation_mark
         try:
             fresh = await identity.authenticate(self.gateway.identity, command.token)
         except identity_errors.TokenExpired:
@@ -1102,6 +1131,8 @@ class ClientConnection:
         )
         if not same:
             raise Forbidden("a refresh token must be for the same principal")
+        if self.gateway.revoked_since(mark, fresh):
+            raise Unauthorized("the token was revoked")
         self.principal = fresh
         self._schedule_expiry()
         self._reply(command.id, {"token_expires_at": fresh.token_expires_at})
@@ -1155,21 +1186,27 @@ class ClientConnection:
         self._timers["expiry"] = loop.call_later(delay, self._expire)
 
     def _expire(self) -> None:
-        # Bypass the queue's order: the client must see why it is being closed.
-        if self.finishing is not None:
-            return
-        frame = '{"op":"disconnect","code":4003,"reason":"token expired","reconnect":true}'
-        self.queue.close()
-        self._finish_with(TOKEN_EXPIRED, self._send_then_close(frame, TOKEN_EXPIRED, "expired"))
+        self._say_then_close(
+            '{"op":"disconnect","code":4003,"reason":"token expired","reconnect":true}',
+            TOKEN_EXPIRED,
+            "expired",
+        )
 
     def revoke(self) -> None:
         """Its credential was revoked: say so, then close with 4001 (do not reconnect
         without a new credential)."""
+        self._say_then_close(
+            '{"op":"disconnect","code":4001,"reason":"credential revoked","reconnect":false}',
+            UNAUTHORIZED,
+            "revoked",
+        )
+
+    def _say_then_close(self, frame: str, code: int, reason: str) -> None:
+        # Bypass the queue's order: the client must see why it is being closed.
         if self.finishing is not None:
             return
-        frame = '{"op":"disconnect","code":4001,"reason":"credential revoked","reconnect":false}'
         self.queue.close()
-        self._finish_with(UNAUTHORIZED, self._send_then_close(frame, UNAUTHORIZED, "revoked"))
+        self._finish_with(code, self._send_then_close(frame, code, reason))
 
     async def _send_then_close(self, frame: str, code: int, reason: str) -> None:
         with contextlib.suppress(Exception):

@@ -201,12 +201,13 @@ async def sse(
     credential = credential_from(request) or request.query_params.get("access_token")
     if not credential:
         raise Unauthorized("a bearer token or API key is required")
+    mark = gateway.revocation_mark  # a revocation from here on ends the stream too
     principal = await identity.authenticate(request.app.state.identity, credential)
     positions = dict(parse_position(value) for value in since or [])
     if last_event_id:
         name, position = parse_position(last_event_id)
         positions[name] = position
-    stream = await open_stream(gateway, principal, channel, positions)
+    stream = await open_stream(gateway, principal, channel, positions, mark=mark)
     return StreamingResponse(
         stream,
         media_type="text/event-stream",

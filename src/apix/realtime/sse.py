@@ -70,8 +70,15 @@ async def open_stream(
     principal: Principal,
     names: list[str],
     positions: dict[str, Position],
+    *,
+    mark: int | None = None,
 ) -> AsyncIterator[str]:
-    """Subscribe to ``names`` and yield SSE text until the client goes or falls behind."""
+    """Subscribe to ``names`` and yield SSE text until the client goes or falls behind.
+
+    With ``mark`` (the gateway's `revocation_mark`, read before authenticating) the stream
+    also ends when ``principal``'s credential is revoked: the APIX SSE endpoint. Without,
+    it is one request's stream (an agent run's) and finishes as any request in flight.
+    """
     if not names:
         raise BadRequest("give at least one channel: ?channel=<name>")
     if len(names) > gateway.config.max_subscriptions:
@@ -107,17 +114,20 @@ async def open_stream(
         for sub in subs:
             await gateway.hub.remove(sub)
         raise
-    return _pump(gateway, outbox, subs)
+    return _pump(gateway, outbox, subs, mark)
 
 
 async def _pump(
-    gateway: Gateway, outbox: SseOutbox, subs: list[Subscription]
+    gateway: Gateway, outbox: SseOutbox, subs: list[Subscription], mark: int | None
 ) -> AsyncIterator[str]:
     heartbeat = gateway.config.sse_heartbeat_s
     # After a Redis interruption the stream ends (within a heartbeat): the client comes
     # back with Last-Event-ID and the replay fills the gap or says it cannot.
     interruptions = gateway.hub.stats.interruptions
-    gateway.streams.add(outbox)
+    if mark is not None:
+        gateway.streams.add(outbox)  # where revocations find it; any since `mark`, now:
+        if gateway.revoked_since(mark, outbox.principal):
+            outbox.end()
     try:
         yield ": connected\n\n"
         while (

@@ -10,7 +10,7 @@ import httpx
 
 from tests.agents.conftest import SlowOpenAI, new_agent, wait_run
 from tests.conftest import LiveServer
-from tests.identity.factories import new_org_admin
+from tests.identity.factories import bearer, new_api_key, new_org_admin
 from tests.providers.factories import new_provider
 from tests.providers.fakes import drop, error, ok
 from tests.realtime.raw import connected
@@ -284,6 +284,35 @@ async def test_stream_true_answers_as_sse_and_resumes_with_last_event_id(
     assert "".join(d["text"] for d in deltas) == (
         "Streaming over server-sent events, one delta at a time."
     )
+
+
+async def test_a_run_stream_ends_when_its_api_key_is_revoked(
+    client: httpx.AsyncClient, live: LiveServer, model: SlowOpenAI
+) -> None:
+    admin = await new_org_admin(client)
+    model.default = ok("A long answer, sent slowly, that the stream must not finish.", chunk=4)
+    model.delay_s = 0.1
+    agent = await new_agent(client, admin, model)
+    key = await new_api_key(client, admin, role="DEVELOPER")
+    url = f"{live.http}/api/v1/agents/{agent['id']}/runs"
+    types: list[str] = []
+    async with (
+        httpx.AsyncClient(timeout=20) as http,
+        http.stream(
+            "POST", url, headers=bearer(key["key"]), json={"input": "Go", "stream": True}
+        ) as response,
+    ):
+        assert response.status_code == 200
+        async for _, event_type, _ in sse_events(response):
+            types.append(event_type)
+            if types.count("message.delta") == 1:
+                revoked = await client.delete(
+                    f"/api/v1/admin/api-keys/{key['id']}", headers=admin.headers
+                )
+                assert revoked.status_code == 204
+    # The stream ended with the revocation, long before the answer's dozen more deltas.
+    assert "agent.run.completed" not in types
+    assert types.count("message.delta") < 4, types
 
 
 async def sse_events(response: httpx.Response) -> Any:

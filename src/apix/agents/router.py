@@ -211,7 +211,9 @@ async def _run_events(
 ) -> AsyncIterator[str]:
     """The channel's SSE stream, reduced to this run's events, until the run ends."""
     marker = f'"run_id":"{run.id}"'
-    stream = await open_stream(gateway, principal, [channel], {channel: position})
+    # Ended, as any APIX SSE stream, when the caller's credential is revoked.
+    mark = gateway.revocation_mark
+    stream = await open_stream(gateway, principal, [channel], {channel: position}, mark=mark)
     async for chunk in stream:
         for part in chunk.split("\n\n"):
             if not part:

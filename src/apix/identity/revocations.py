@@ -105,16 +105,21 @@ class Revocations:
         now_ms = int(time.time() * 1000)
         expiry_ms = now_ms + int(ttl_s * 1000)
         ids = [str(sid) for sid in session_ids]
+        for sid in session_ids:  # this node refuses them at once, announcement or not
+            self._sessions[sid] = expiry_ms / 1000
+        self._tell("session", session_ids)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zadd(REVOKED_KEY, dict.fromkeys(ids, expiry_ms))
             pipe.zremrangebyscore(REVOKED_KEY, "-inf", now_ms)
             pipe.publish(CHANGES, f"s {expiry_ms} {' '.join(ids)}")
             await pipe.execute()
-        for sid in session_ids:  # this node refuses them at once, announcement or not
-            self._sessions[sid] = expiry_ms / 1000
-        self._tell("session", session_ids)
 
     async def suspend(self, org_id: uuid.UUID, suspended: bool) -> None:
+        if suspended:  # this node at once, announcement or not
+            self._orgs.add(org_id)
+            self._tell("organization", [org_id])
+        else:
+            self._orgs.discard(org_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             if suspended:
                 pipe.sadd(SUSPENDED_KEY, str(org_id))
@@ -122,11 +127,6 @@ class Revocations:
                 pipe.srem(SUSPENDED_KEY, str(org_id))
             pipe.publish(CHANGES, f"{'o+' if suspended else 'o-'} {org_id}")
             await pipe.execute()
-        if suspended:
-            self._orgs.add(org_id)
-            self._tell("organization", [org_id])
-        else:
-            self._orgs.discard(org_id)
 
     async def revoke_key(self, key_id: uuid.UUID) -> None:
         """Announce a revoked API key: every node reads its keys from PostgreSQL again."""

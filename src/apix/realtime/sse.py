@@ -76,8 +76,9 @@ async def open_stream(
     """Subscribe to ``names`` and yield SSE text until the client goes or falls behind.
 
     With ``mark`` (the gateway's `revocation_mark`, read before authenticating) the stream
-    also ends when ``principal``'s credential is revoked: the APIX SSE endpoint. Without,
-    it is one request's stream (an agent run's) and finishes as any request in flight.
+    also ends when ``principal``'s credential is revoked (the APIX SSE endpoint, an agent
+    run's events). Without, it is one request's stream (a chat completion's) and finishes
+    as any request in flight.
     """
     if not names:
         raise BadRequest("give at least one channel: ?channel=<name>")

@@ -8,6 +8,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -160,38 +161,45 @@ async def test_a_node_that_missed_a_logout_closes_its_connection_once_it_hears_a
 # --- revoked while being checked: refused as it joins ------------------------------------
 
 
+@dataclass
+class SlowKey:
+    """A node whose API-key reads wait on a lock of the `api_key` table (its copy of the
+    revocations stopped, so every key is read from PostgreSQL), and a key of it whose next
+    check will wait there: its revocation can be heard while it is being checked."""
+
+    live: LiveServer
+    locks: KeyLocks
+    key: dict[str, Any]
+
+    async def revoked_while_checked(self) -> None:
+        """Once the key's check waits on the lock: its revocation is heard (the listener
+        the announcement reaches), then the check goes on."""
+        await self.locks.waiting(1)
+        app: Any = self.live.app
+        app.state.gateway.revoked("api_key", [uuid.UUID(self.key["id"])])
+        await self.locks.release()
+
+
 @pytest.fixture
-async def slow_keys(servers: Servers, owner_engine: AsyncEngine) -> AsyncIterator[Any]:
-    """One node whose API-key reads wait on a lock of the `api_key` table (its copy of the
-    revocations stopped, so every key is read from PostgreSQL): a revocation can be heard
-    while a credential is being checked."""
+async def slow_key(servers: Servers, owner_engine: AsyncEngine) -> AsyncIterator[SlowKey]:
     async with running_node(servers, node_id="node-slow") as (http, live):
         app: Any = live.app
         await app.state.identity.revocations.stop()
+        admin = await new_org_admin(http)
+        key = await new_api_key(http, admin, role="DEVELOPER")
         async with key_locks(owner_engine) as locks:
-            yield http, live, locks
-
-
-async def _announced_while_checked(live: LiveServer, locks: KeyLocks, key_id: str) -> None:
-    """With a key check waiting on the lock: the key's revocation is heard (the listener
-    the announcement reaches), then the check goes on."""
-    await locks.waiting(1)
-    app: Any = live.app
-    app.state.gateway.revoked("api_key", [uuid.UUID(key_id)])
-    await locks.release()
+            await asyncio.wait_for(await locks.take(), 5)
+            yield SlowKey(live, locks, key)
 
 
 async def test_a_connect_whose_key_is_revoked_while_it_is_checked_is_refused(
-    slow_keys: tuple[httpx.AsyncClient, LiveServer, KeyLocks],
+    slow_key: SlowKey,
 ) -> None:
-    http, live, locks = slow_keys
-    admin = await new_org_admin(http)
-    created = await new_api_key(http, admin, role="DEVELOPER")
-    await asyncio.wait_for(await locks.take(), 5)
-    async with raw_socket(live.ws) as raw:
+    async with raw_socket(slow_key.live.ws) as raw:
         client = {"type": "API_CLIENT", "name": "race"}
-        reply = asyncio.create_task(raw.command("connect", token=created["key"], client=client))
-        await _announced_while_checked(live, locks, created["id"])
+        token = slow_key.key["key"]
+        reply = asyncio.create_task(raw.command("connect", token=token, client=client))
+        await slow_key.revoked_while_checked()
         refused = await reply
         assert not refused["ok"]
         assert refused["error"]["code"] == "unauthorized"
@@ -200,19 +208,14 @@ async def test_a_connect_whose_key_is_revoked_while_it_is_checked_is_refused(
 
 
 async def test_an_sse_stream_whose_key_is_revoked_while_it_is_checked_ends(
-    slow_keys: tuple[httpx.AsyncClient, LiveServer, KeyLocks],
+    slow_key: SlowKey,
 ) -> None:
-    http, live, locks = slow_keys
-    admin = await new_org_admin(http)
-    created = await new_api_key(http, admin, role="DEVELOPER")
-    await asyncio.wait_for(await locks.take(), 5)
-
     async def stream() -> None:
-        base = f"http://127.0.0.1:{live.port}"
-        async with sse(base, ["room:race"], token=created["key"]) as opened:
+        base = f"http://127.0.0.1:{slow_key.live.port}"
+        async with sse(base, ["room:race"], token=slow_key.key["key"]) as opened:
             with pytest.raises(AssertionError, match="the stream ended"):
                 await opened.item(within=5.0)
 
     reading = asyncio.create_task(stream())
-    await _announced_while_checked(live, locks, created["id"])
+    await slow_key.revoked_while_checked()
     await reading

@@ -46,10 +46,9 @@ _API_KEYS_TTL_S = 60.0  # also how often a busy key's `last_used_at` is written,
 @dataclass(frozen=True, slots=True)
 class CachedApiKey:
     """An API key as read from PostgreSQL, and when: usable while `generation` is still
-    the revocations' `keys_generation`."""
+    the revocations' `keys_generation` (and its `token_expires_at` has not passed)."""
 
     principal: Principal
-    expires_at: float | None  # epoch seconds
     generation: int
 
 

@@ -674,9 +674,10 @@ async def _authenticate_api_key(rt: IdentityRuntime, key: str) -> Principal:
         generation = revocations.keys_generation
         cached = await _read_api_key(rt.database, digest, generation)
         rt.api_keys[digest] = cached
-    elif cached.expires_at is not None and cached.expires_at <= time.time():
-        raise errors.TokenExpired("the API key has expired")
     principal = cached.principal
+    expires_ms = principal.token_expires_at
+    if expires_ms is not None and expires_ms <= time.time() * 1000:
+        raise errors.TokenExpired("the API key has expired")
     if await rt.is_revoked(None, principal.org_id):
         raise errors.InvalidToken("the organization is suspended")
     return principal
@@ -697,16 +698,15 @@ async def _read_api_key(database: Database, digest: str, generation: int) -> Cac
             row.last_used_at = now
     role = Role(row.role) if row.role else None
     permissions = ROLE_PERMISSIONS[role] if role is not None else frozenset(row.permissions or ())
-    expires_at = row.expires_at.timestamp() if row.expires_at else None
     principal = Principal(
         kind=PrincipalKind.API_KEY,
         org_id=row.org_id,
         role=role or Role.VIEWER,
         permissions=permissions,
         api_key_id=row.id,
-        token_expires_at=int(expires_at * 1000) if expires_at is not None else None,
+        token_expires_at=int(row.expires_at.timestamp() * 1000) if row.expires_at else None,
     )
-    return CachedApiKey(principal, expires_at, generation)
+    return CachedApiKey(principal, generation)
 
 
 async def validate(rt: IdentityRuntime, credential: str | None) -> TokenValidation:

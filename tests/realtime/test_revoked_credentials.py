@@ -158,6 +158,27 @@ async def test_a_node_that_missed_a_logout_closes_its_connection_once_it_hears_a
         await _revoked(on_b)
 
 
+async def test_a_node_that_missed_a_key_revocation_closes_its_connection_once_it_hears_again(
+    nodes: list[Node],
+) -> None:
+    (http_a, _), (_, live_b) = nodes
+    app_b: Any = live_b.app
+    revocations = app_b.state.identity.revocations
+    admin = await new_org_admin(http_a)
+    revoked = await new_api_key(http_a, admin, role="DEVELOPER")
+    kept = await new_api_key(http_a, admin, role="DEVELOPER")
+    async with (
+        connected(live_b.ws, revoked["key"]) as on_b,
+        connected(live_b.ws, kept["key"]) as untouched,
+    ):
+        await revocations.stop()  # node B misses the announcement
+        await _revoke_key(http_a, admin, revoked["id"])
+        await _still_open(on_b, "room:deaf")
+        revocations.start()  # loads the copy, which names the keys revoked lately
+        await _revoked(on_b)
+        await _still_open(untouched, "room:after")
+
+
 # --- revoked while being checked: refused as it joins ------------------------------------
 
 

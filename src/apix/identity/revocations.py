@@ -1,7 +1,7 @@
 """Revoked sessions and suspended organisations, as every node sees them.
 
 Redis holds them (a sorted set of revoked session ids by expiry, a set of suspended
-organisations) and announces each change on one pub/sub channel. Each node keeps a copy in
+organisations, a sorted set of API keys revoked within `KEY_RETENTION_S`) and announces each change on one pub/sub channel. Each node keeps a copy in
 memory, loaded once its subscription is confirmed and kept current by the announcements,
 so the check on every request and connect is a lookup, not a round trip.
 
@@ -17,6 +17,8 @@ announced, and at once of those it makes.
 API keys are cached per node by their readers (`IdentityRuntime.api_keys`); a revoked key
 is announced here and bumps `keys_generation`, as does every (re)load of the copy (an
 announcement may have been missed before it), so a key read before the bump is read again.
+A reload also tells listeners of every key revoked within `KEY_RETENTION_S`, so a node that
+missed a key's announcement still closes what that key opened.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ log = get_logger(__name__)
 
 REVOKED_KEY = "apix:auth:revoked"  # sorted set: session id → expiry (ms)
 SUSPENDED_KEY = "apix:auth:suspended"  # set: organisation ids
+REVOKED_KEYS_KEY = "apix:auth:revoked-keys"  # sorted set: API key id → revoked at (ms)
+# How long a revoked key is repeated to nodes that reload their copy. A key's revocation is
+# permanent in PostgreSQL; this only has to outlast a node's time away from Redis.
+KEY_RETENTION_S = 7 * 24 * 3600
 # Announcements: "s <expiry ms> <session id>...", "o+ <organisation id>", "o- <organisation id>",
 # "k <API key id>".
 CHANGES = "apix:auth:changes"
@@ -129,11 +135,17 @@ class Revocations:
             await pipe.execute()
 
     async def revoke_key(self, key_id: uuid.UUID) -> None:
-        """Announce a revoked API key: every node reads its keys from PostgreSQL again."""
+        """Announce a revoked API key: every node reads its keys from PostgreSQL again and
+        closes what the key opened (a node that misses this does so when it reloads)."""
         self.keys_generation += 1  # this node at once, announcement or not
         self._tell("api_key", [key_id])
+        now_ms = int(time.time() * 1000)
         try:
-            await self.redis.publish(CHANGES, f"k {key_id}")
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zadd(REVOKED_KEYS_KEY, {str(key_id): now_ms})
+                pipe.zremrangebyscore(REVOKED_KEYS_KEY, "-inf", now_ms - KEY_RETENTION_S * 1000)
+                pipe.publish(CHANGES, f"k {key_id}")
+                await pipe.execute()
         except Exception as exc:  # revoked all the same: other nodes read it within a minute
             log.warning("revocations: could not announce a revoked API key", error=repr(exc))
 
@@ -207,16 +219,18 @@ class Revocations:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zrangebyscore(REVOKED_KEY, now_ms, "+inf", withscores=True)
             pipe.smembers(SUSPENDED_KEY)
-            sessions, orgs = await pipe.execute()
+            pipe.zrangebyscore(REVOKED_KEYS_KEY, now_ms - KEY_RETENTION_S * 1000, "+inf")
+            sessions, orgs, keys = await pipe.execute()
         self._sessions = {uuid.UUID(sid.decode()): ms / 1000 for sid, ms in sessions}
         self._orgs = {uuid.UUID(org.decode()) for org in orgs}
         self.keys_generation += 1
         self._loaded = True
         # Announcements may have been missed while the subscription was down: what they
         # named is in the copy now, so listeners hear of it again (they ignore what they
-        # already ended). Revoked API keys are not kept in Redis: those are not repeated.
+        # already ended).
         self._tell("session", list(self._sessions))
         self._tell("organization", list(self._orgs))
+        self._tell("api_key", [uuid.UUID(key.decode()) for key in keys])
 
     def _apply(self, data: bytes) -> None:
         kind, _, rest = data.decode().partition(" ")

@@ -221,8 +221,9 @@ class SendQueue:
             if self.probe is not None and self.label is not None:
                 self.probe.coalesced(self.label, namespace)
 
-    def push_unbounded(self, frame: str) -> None:
-        """For replies and replays the client asked for: counted, never an overflow."""
+    def push_unbounded(self, frame: str, *, framed: bytes | None = None) -> None:
+        """For replies and replays the client asked for: counted, never an overflow.
+        ``framed``: the WebSocket frame of ``frame``, when it was built already."""
         if self.closed:
             return
         probe = self.probe
@@ -238,7 +239,7 @@ class SendQueue:
             and self._send is not None
             and self._writer is None
             and not self._frames
-            and direct.write_frame(text_frame(frame.encode())) >= 0
+            and direct.write_frame(framed or text_frame(frame.encode())) >= 0
         ):
             return  # sent at once: no writer task for a reply or a ping
         if self._frames is None:

@@ -63,6 +63,7 @@ from apix.realtime.channels import ChannelRef
 from apix.realtime.connection import SendQueue, Socket
 from apix.realtime.delivery import Redelivery, Sessions, new_session_token, offset_before
 from apix.realtime.delivery import snapshot as session_snapshot
+from apix.realtime.heartbeat import Heartbeat
 from apix.realtime.hub import Hub, Subscription, compile_filter
 from apix.realtime.presence import Presence
 from apix.realtime.registry import CONTROL_CHANNEL, ConnectionRecord, Registry
@@ -194,6 +195,10 @@ class Gateway:
         # Connections that owe a `connect`, with their deadlines (`expect_connect`).
         self._awaiting: deque[tuple[float, weakref.ref[ClientConnection]]] = deque()
         self._connect_sweep: asyncio.TimerHandle | None = None
+        # Pings and pong deadlines of every connection, on one timer.
+        self.heartbeat = Heartbeat(
+            self.config.ping_interval_ms / 1000, self.config.pong_timeout_ms / 1000
+        )
 
     async def start(self) -> None:
         self.identity.revocations.listeners.append(self.revoked)
@@ -222,6 +227,7 @@ class Gateway:
         if self._connect_sweep is not None:
             self._connect_sweep.cancel()
             self._connect_sweep = None
+        self.heartbeat.stop()
         connections = list(self.connections.values())
         connections += [c for _, ref in self._awaiting if (c := ref()) and c.awaiting_connect]
         self._awaiting.clear()
@@ -851,7 +857,7 @@ class ClientConnection:
             self.queue.label = Label(str(principal.org_id), command.client.type)
             self.queue.probe = gateway.probe
         await gateway.registry.connected(self.record)
-        self._schedule_ping()
+        gateway.heartbeat.schedule(self)
         self._schedule_expiry()
         restored, opened = await self._resume(command.resume) if command.resume else ([], [])
         self._reply(
@@ -1139,25 +1145,23 @@ class ClientConnection:
 
     # --- heartbeat and expiry -------------------------------------------------------------
 
-    def _schedule_ping(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._timers["ping"] = loop.call_later(self.config.ping_interval_ms / 1000, self._ping)
-
-    def _ping(self) -> None:
-        ts = int(time.time() * 1000)
+    def ping(self, ts: int, frame: bytes, sent: float) -> bool:
+        """The node's heartbeat pings (`apix.realtime.heartbeat`)."""
+        if self.finishing is not None:
+            return False
         self._ping_ts = ts
-        self._ping_sent = time.monotonic()
-        self.queue.push_unbounded(f'{{"op":"ping","ts":{ts}}}')
-        loop = asyncio.get_running_loop()
-        self._timers["pong"] = loop.call_later(
-            self.config.pong_timeout_ms / 1000, self.close, HEARTBEAT_TIMEOUT, "heartbeat timeout"
-        )
+        self._ping_sent = sent
+        self.queue.push_unbounded(f'{{"op":"ping","ts":{ts}}}', framed=frame)
+        return True
+
+    def pong_overdue(self, ts: int) -> None:
+        if ts == self._ping_ts:
+            self.close(HEARTBEAT_TIMEOUT, "heartbeat timeout")
 
     def _pong(self, ts: int) -> None:
         if self._ping_ts is None or ts != self._ping_ts:
             return
         self._ping_ts = None
-        self._timers.pop("pong").cancel()
         if self.record is not None:
             rtt = time.monotonic() - self._ping_sent
             if self.queue.probe is not None and self.queue.label is not None:
@@ -1172,7 +1176,7 @@ class ClientConnection:
             if now - self._rtt_shown_at >= _RTT_SHOW_S:
                 self._rtt_shown_at = now
                 self.gateway.registry.show_live(self.record)
-        self._schedule_ping()
+        self.gateway.heartbeat.schedule(self)
 
     def _schedule_expiry(self) -> None:
         assert self.principal is not None  # noqa: S101

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import socket
@@ -617,6 +618,44 @@ async def test_a_pong_with_the_wrong_ts_does_not_count(servers: Servers) -> None
             ping = await until(raw, lambda f: f.get("op") == "ping", within=2)
             await raw.send({"op": "pong", "ts": ping["ts"] - 1})
             assert (await raw.closed(timeout=3))[0] == 4009
+
+
+async def test_each_connection_keeps_its_own_heartbeat(servers: Servers) -> None:
+    """The node pings and times out connections in sweeps: one that stops answering is
+    closed after its own pong timeout, and only it; the other is pinged on an interval after
+    each pong, though the node's next deadline is then the silent one's pong timeout (five
+    intervals away)."""
+    async with node(servers, realtime={"ping_interval_ms": 200, "pong_timeout_ms": 1000}) as n:
+        admin = await new_org_admin(n.http)
+        async with (
+            connected(n.live.ws, admin.access_token) as silent,
+            connected(n.live.ws, admin.access_token) as answering,
+        ):
+            ping = await until(silent, lambda f: f.get("op") == "ping", within=2)
+            unanswered = time.monotonic()
+            answered: list[float] = []
+
+            async def answer() -> None:
+                while True:
+                    frame = await until(answering, lambda f: f.get("op") == "ping", within=2)
+                    answered.append(time.monotonic())
+                    await answering.send({"op": "pong", "ts": frame["ts"]})
+
+            task = asyncio.create_task(answer())
+            try:
+                code, _ = await silent.closed(timeout=3)
+                closed_after = time.monotonic() - unanswered
+                await asyncio.sleep(0.5)  # two more intervals
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            assert code == 4009
+            assert isinstance(ping["ts"], int)
+            assert 0.95 <= closed_after <= 2.5  # its 1 s timeout (and a sweep) after its ping
+            assert len(answered) >= 6
+            gaps = [b - a for a, b in itertools.pairwise(answered)]
+            assert all(0.15 <= gap <= 0.6 for gap in gaps), gaps  # 200 ms after each pong
+            await still_open(answering)
 
 
 async def test_a_pong_is_read_the_same_whatever_its_shape(servers: Servers) -> None:

@@ -433,9 +433,10 @@ def http_publish(ctx: Context, targets: list[str]) -> None:
 def _http_once(ctx: Context, key: str, suffix: str) -> dict[str, Any]:
     cfg = ctx.profile["http"]
     target = ctx.targets[key]
-    log(f"HTTP publish: {key}, concurrency {cfg['concurrency']}{suffix}")
+    processes = cfg.get("processes", 1)
+    log(f"HTTP publish: {key}, concurrency {cfg['concurrency']}, {processes} process(es){suffix}")
     try:
-        with _with_target(ctx, target):
+        with _with_target(ctx, target, processes=processes):
             run = ctx.next_run()
             url, headers = target.http_url("room:http", cfg.get("credential", "token"))
             gen = loadgen.publisher(
@@ -470,6 +471,7 @@ def _http_once(ctx: Context, key: str, suffix: str) -> dict[str, Any]:
     row = {
         "target": key,
         "concurrency": cfg["concurrency"],
+        "server_processes": processes,
         "duration_s": cfg["duration_s"],
         "ok": ok,
         "statuses": result["statuses"],

@@ -1,9 +1,10 @@
-"""Revoked sessions and suspended organisations, as every node sees them.
+"""Revoked sessions, suspended organisations and revoked API keys, as every node sees them.
 
 Redis holds them (a sorted set of revoked session ids by expiry, a set of suspended
-organisations, a sorted set of API keys revoked within `KEY_RETENTION_S`) and announces each change on one pub/sub channel. Each node keeps a copy in
-memory, loaded once its subscription is confirmed and kept current by the announcements,
-so the check on every request and connect is a lookup, not a round trip.
+organisations, a sorted set of API keys revoked within `KEY_RETENTION_S`) and announces
+each change on one pub/sub channel. Each node keeps a copy in memory, loaded once its
+subscription is confirmed and kept current by the announcements, so the check on every
+request and connect is a lookup, not a round trip.
 
 The copy is used only while it is known to be current: loaded since the subscription was
 last (re)established, and Redis heard from within `_STALE_S` (the watcher pings every
@@ -147,7 +148,9 @@ class Revocations:
                 pipe.publish(CHANGES, f"k {key_id}")
                 await pipe.execute()
         except Exception as exc:  # revoked all the same: other nodes read it within a minute
-            log.warning("revocations: could not announce a revoked API key", error=repr(exc))
+            log.warning(
+                "revocations: could not record or announce a revoked API key", error=repr(exc)
+            )
 
     def _tell(self, kind: str, ids: Sequence[uuid.UUID]) -> None:
         for listener in self.listeners:
@@ -228,9 +231,13 @@ class Revocations:
         # Announcements may have been missed while the subscription was down: what they
         # named is in the copy now, so listeners hear of it again (they ignore what they
         # already ended).
-        self._tell("session", list(self._sessions))
-        self._tell("organization", list(self._orgs))
-        self._tell("api_key", [uuid.UUID(key.decode()) for key in keys])
+        for kind, ids in (
+            ("session", list(self._sessions)),
+            ("organization", list(self._orgs)),
+            ("api_key", [uuid.UUID(key.decode()) for key in keys]),
+        ):
+            if ids:  # each telling walks the node's connections
+                self._tell(kind, ids)
 
     def _apply(self, data: bytes) -> None:
         kind, _, rest = data.decode().partition(" ")

@@ -632,7 +632,6 @@ async def test_each_connection_keeps_its_own_heartbeat(servers: Servers) -> None
             connected(n.live.ws, admin.access_token) as answering,
         ):
             ping = await until(silent, lambda f: f.get("op") == "ping", within=2)
-            unanswered = time.monotonic()
             answered: list[float] = []
 
             async def answer() -> None:
@@ -644,13 +643,12 @@ async def test_each_connection_keeps_its_own_heartbeat(servers: Servers) -> None
             task = asyncio.create_task(answer())
             try:
                 code, _ = await silent.closed(timeout=3)
-                closed_after = time.monotonic() - unanswered
+                closed_after = time.time() - ping["ts"] / 1000  # since the node sent the ping
                 await asyncio.sleep(0.5)  # two more intervals
             finally:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
             assert code == 4009
-            assert isinstance(ping["ts"], int)
             assert 0.95 <= closed_after <= 2.5  # its 1 s timeout (and a sweep) after its ping
             assert len(answered) >= 6
             gaps = [b - a for a, b in itertools.pairwise(answered)]

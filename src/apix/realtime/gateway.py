@@ -3,7 +3,8 @@
 `Gateway` is per node (created in the lifespan): broker, hub, presence and registry, and the
 connections this node holds. Sockets come from the node's own WebSocket protocol
 (`apix.realtime.transport`), which calls a connection back as messages arrive; an idle
-connection is data and two timers (heartbeat, token expiry), with no task of its own. A task
+connection is data and one timer (token expiry; the node's heartbeat pings it), with no task
+of its own. A task
 exists only while commands are running or frames wait for a slow client.
 """
 
@@ -857,6 +858,8 @@ class ClientConnection:
             self.queue.label = Label(str(principal.org_id), command.client.type)
             self.queue.probe = gateway.probe
         await gateway.registry.connected(self.record)
+        if self.finishing is not None:  # closed meanwhile (kicked, revoked, the node stopping)
+            return  # no timer is armed that the close would not cancel
         gateway.heartbeat.schedule(self)
         self._schedule_expiry()
         restored, opened = await self._resume(command.resume) if command.resume else ([], [])
@@ -1145,12 +1148,12 @@ class ClientConnection:
 
     # --- heartbeat and expiry -------------------------------------------------------------
 
-    def ping(self, ts: int, frame: bytes, sent: float) -> bool:
+    def ping(self, ts: int, frame: bytes) -> bool:
         """The node's heartbeat pings (`apix.realtime.heartbeat`)."""
         if self.finishing is not None:
             return False
         self._ping_ts = ts
-        self._ping_sent = sent
+        self._ping_sent = time.monotonic()  # each its own: a sweep may ping thousands
         self.queue.push_unbounded(f'{{"op":"ping","ts":{ts}}}', framed=frame)
         return True
 

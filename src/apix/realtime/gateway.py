@@ -4,8 +4,7 @@
 connections this node holds. Sockets come from the node's own WebSocket protocol
 (`apix.realtime.transport`), which calls a connection back as messages arrive; an idle
 connection is data and one timer (token expiry; the node's heartbeat pings it), with no task
-of its own. A task
-exists only while commands are running or frames wait for a slow client.
+of its own. A task exists only while commands are running or frames wait for a slow client.
 """
 
 from __future__ import annotations

@@ -205,7 +205,7 @@ def _median_round(measured: list[dict[str, Any]]) -> dict[str, Any]:
 def _held_once(ctx: Context, key: str, n: int, suffix: str) -> dict[str, Any]:
     cfg = ctx.profile["held"]
     target = ctx.targets[key]
-    procs = server_processes(n)
+    procs = cfg.get("processes") or server_processes(n)
     log(f"held: {key}, {n} connections, {procs} server process(es){suffix}")
     try:
         with _with_target(ctx, target, processes=procs):

@@ -4,15 +4,22 @@
 expire, because the older key stays in the folder until it can no longer have live tokens.
 A node reloads the folder when it meets a `kid` it does not know, so rotation on one host
 reaches the others that share the folder without a restart.
+
+Processes that start together on an empty folder (`apix serve --workers N` in development)
+make one first key between them: it is created under a lock on the folder, and a key file
+appears whole (written aside, then renamed), never half-written to a reader.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import itertools
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,8 +59,11 @@ class KeyRing:
     def load(self, *, create_if_empty: bool) -> None:
         keys = {key.kid: key for key in _read_folder(self.folder)}
         if not keys and create_if_empty:
-            key = generate(self.folder)
-            keys = {key.kid: key}
+            with _locked(self.folder):  # another process may be making the first key
+                keys = {key.kid: key for key in _read_folder(self.folder)}
+                if not keys:
+                    key = generate(self.folder)
+                    keys = {key.kid: key}
         if not keys:
             raise RuntimeError(
                 f"no signing keys in {self.folder}: run `apix keys rotate` to create one"
@@ -88,10 +98,24 @@ def generate(folder: Path) -> SigningKey:
         serialization.NoEncryption(),
     )
     path = folder / f"{kid}.pem"
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    aside = folder / f".{kid}.pem.tmp"  # not a `*.pem`: readers skip it until it is whole
+    descriptor = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "wb") as out:
         out.write(pem)
+    os.rename(aside, path)
     return SigningKey(kid, private_key, path.stat().st_mtime)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` across processes (`flock` on a file in it)."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(folder / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def prune(folder: Path, *, keep_after: float) -> list[str]:

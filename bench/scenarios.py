@@ -197,8 +197,10 @@ def _median_round(measured: list[dict[str, Any]]) -> dict[str, Any]:
         return measured[-1]
     row = dict(ok[(len(ok) - 1) // 2])
     if len(measured) > 1:
-        figures = ("connects_per_s", "connect_server_cpu_us", "kib_per_connection")
-        row["rounds"] = [{k: r.get(k) for k in (*figures, "error")} for r in measured]
+        figures = ("connects_per_s", "connect_server_cpu_us", "kib_per_connection", "failed")
+        # Every round's failures, not only the median's: they are what needs explaining.
+        kept = (*figures, "open_errors", "error")
+        row["rounds"] = [{k: r.get(k) for k in kept} for r in measured]
     return row
 
 
@@ -421,7 +423,13 @@ def http_publish(ctx: Context, targets: list[str]) -> None:
         )
         row = dict(ok[(len(ok) - 1) // 2]) if ok else measured[key][-1]
         if rounds > 1:
-            figures = ("events_per_s", "server_us_per_event", "total_us_per_event", "error")
+            figures = (
+                "events_per_s",
+                "server_us_per_event",
+                "total_us_per_event",
+                "errors",
+                "error",
+            )
             row["rounds"] = [
                 {**{k: r.get(k) for k in figures}, "p99_ms": r.get("latency", {}).get("p99_ms")}
                 for r in measured[key]

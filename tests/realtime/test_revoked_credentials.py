@@ -142,39 +142,34 @@ async def test_a_revoked_api_keys_sse_stream_ends(nodes: list[Node]) -> None:
         assert event["event"] == "after.revoke"
 
 
-async def test_a_node_that_missed_a_logout_closes_its_connection_once_it_hears_again(
-    nodes: list[Node],
+@pytest.mark.parametrize("credential", ["session", "api_key"])
+async def test_a_node_that_missed_a_revocation_closes_its_connection_once_it_hears_again(
+    nodes: list[Node], credential: str
 ) -> None:
+    """Logging out (the session) or revoking an API key while node B hears nothing: B
+    closes the connection when it loads its copy again, which names both."""
     (http_a, _), (_, live_b) = nodes
     app_b: Any = live_b.app
     revocations = app_b.state.identity.revocations
     admin = await new_org_admin(http_a)
-    async with connected(live_b.ws, admin.access_token) as on_b:
-        await revocations.stop()  # node B misses the announcement
-        logout = await http_a.post("/api/v1/auth/logout", headers=admin.headers)
-        assert logout.status_code == 204
-        await _still_open(on_b, "room:deaf")
-        revocations.start()  # loads the copy, which holds the revoked session
-        await _revoked(on_b)
-
-
-async def test_a_node_that_missed_a_key_revocation_closes_its_connection_once_it_hears_again(
-    nodes: list[Node],
-) -> None:
-    (http_a, _), (_, live_b) = nodes
-    app_b: Any = live_b.app
-    revocations = app_b.state.identity.revocations
-    admin = await new_org_admin(http_a)
-    revoked = await new_api_key(http_a, admin, role="DEVELOPER")
     kept = await new_api_key(http_a, admin, role="DEVELOPER")
+    if credential == "session":
+        token = admin.access_token
+    else:
+        key = await new_api_key(http_a, admin, role="DEVELOPER")
+        token = key["key"]
     async with (
-        connected(live_b.ws, revoked["key"]) as on_b,
+        connected(live_b.ws, token) as on_b,
         connected(live_b.ws, kept["key"]) as untouched,
     ):
         await revocations.stop()  # node B misses the announcement
-        await _revoke_key(http_a, admin, revoked["id"])
+        if credential == "session":
+            logout = await http_a.post("/api/v1/auth/logout", headers=admin.headers)
+            assert logout.status_code == 204
+        else:
+            await _revoke_key(http_a, admin, key["id"])
         await _still_open(on_b, "room:deaf")
-        revocations.start()  # loads the copy, which names the keys revoked lately
+        revocations.start()  # loads the copy, which holds the revocation
         await _revoked(on_b)
         await _still_open(untouched, "room:after")
 

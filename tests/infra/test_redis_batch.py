@@ -162,3 +162,74 @@ async def test_a_bulk_runs_in_one_exchange_with_each_reply_in_its_place(redis: R
     assert batch.round_trips == 0  # not queued with the batched commands
     assert await redis.get("t:bulk:999") == b"999"
     assert await batch.execute([]) == []
+
+
+async def _query_buffer(servers: Servers, client_id: int) -> int:
+    """The bytes Redis has read from a client but not yet run (`qbuf` in `CLIENT LIST`)."""
+    other = create_redis(servers.redis_url, RedisSettings())
+    try:
+        info = (await other.execute_command("CLIENT", "LIST", "ID", client_id)).decode()
+    finally:
+        await other.aclose()
+    fields = dict(part.split("=", 1) for part in info.split())
+    return int(fields["qbuf"])
+
+
+@pytest.mark.parametrize("max_in_flight", [1, 2])
+async def test_a_batch_goes_out_while_the_one_ahead_waits_for_its_replies(
+    redis: Redis, servers: Servers, max_in_flight: int
+) -> None:
+    """Pipelined on one connection: the next batch is written before the replies to the one
+    ahead are read (Redis holds it, unread, behind a blocking command), up to
+    `max_in_flight` batches; past that it waits for a place."""
+    batch = AutoPipeline(redis, max_in_flight=max_in_flight)
+    own_id = await batch.call("CLIENT", "ID")
+    key = f"t:blocked:{uuid.uuid4().hex}"
+    blocked = batch.call("BLPOP", key, 0.5)
+    await asyncio.sleep(0.05)
+    behind = batch.call("PING")  # another loop turn: another batch
+    await asyncio.sleep(0.05)
+    written = await _query_buffer(servers, own_id)
+    assert written == (len(b"*1\r\n$4\r\nPING\r\n") if max_in_flight > 1 else 0)
+    assert await blocked is None
+    assert await behind == b"PONG"
+
+
+async def test_pipelined_batches_run_in_the_order_their_commands_were_queued(
+    redis: Redis,
+) -> None:
+    batch = CountingPipelines(redis)
+    batch.max_in_flight = 8
+    key = f"t:order:{uuid.uuid4().hex}"
+    replies = []
+    for turn in range(50):
+        replies += [batch.call("RPUSH", key, f"{turn}.{n}") for n in range(3)]
+        await asyncio.sleep(0)  # the next ones in another batch, this one still in flight
+    lengths = await asyncio.gather(*replies)
+    assert lengths == list(range(1, 151))  # each command ran in its place
+    assert [v.decode() for v in await redis.lrange(key, 0, -1)] == [
+        f"{turn}.{n}" for turn in range(50) for n in range(3)
+    ]
+    assert batch.round_trips > 10  # many batches: the order held across them
+
+
+async def test_a_failed_batch_fails_the_batches_behind_it_on_its_connection(
+    servers: Servers,
+) -> None:
+    """The batch behind was written on a connection whose replies are now out of step: it
+    fails too, and the connection is closed; the next batch gets a new one."""
+    client = create_redis(servers.redis_url, RedisSettings(socket_timeout_s=0.3))
+    try:
+        batch = AutoPipeline(client)
+        own_id = await batch.call("CLIENT", "ID")
+        blocked = batch.call("BLPOP", f"t:never:{uuid.uuid4().hex}", 0)  # waits for ever
+        await asyncio.sleep(0.05)
+        behind = batch.call("PING")
+        with pytest.raises(RedisTimeoutError):
+            await blocked
+        with pytest.raises(RedisConnectionError, match="a batch ahead"):
+            await behind
+        assert await batch.call("PING") == b"PONG"
+        assert await batch.call("CLIENT", "ID") != own_id
+    finally:
+        await client.aclose()

@@ -14,6 +14,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -87,24 +88,34 @@ class WatchedPubSub(PubSub):
 
 
 class AutoPipeline:
-    """Commands issued while a round trip is under way share the next one.
+    """Commands issued while round trips are under way share the next one.
 
     On the hot paths many coroutines each send a command or two: a storm of connects
     (revocation checks, registry and session writes) or of HTTP publishes. One by one, each
     pays a pool checkout, a timeout context and a round trip, about 0.1 ms of CPU in
     redis-py; gathered into one pipeline they pay that once. No timer is involved: the first
-    command goes out at the end of the current loop turn, and whatever arrived meanwhile as
-    soon as the previous batch is answered, so an idle node adds no latency.
+    command goes out at the end of the current loop turn, so an idle node adds no latency.
+
+    Batches are pipelined on one connection: up to `max_in_flight` are written back to back,
+    each as soon as it is formed, without waiting for the replies to the one ahead, and
+    their replies are read in the order written (Redis answers a connection's commands in
+    order, so the commands run in the order they were queued). Past that, commands wait for
+    the next free place and go out together. A batch that fails (a dropped connection, no
+    reply in time) fails the batches behind it on the same connection, which is closed; the
+    next batch gets a new one. A failed batch is not retried: its commands may have run.
 
     Commands are independent (no MULTI): use it for single commands and scripts, not for
     reads that must see one moment across several keys.
     """
 
-    def __init__(self, redis: Redis, *, max_batch: int = 512) -> None:
+    def __init__(self, redis: Redis, *, max_batch: int = 512, max_in_flight: int = 2) -> None:
         self.redis = redis
         self.max_batch = max_batch
+        self.max_in_flight = max_in_flight
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
-        self._busy = False
+        self._scheduled = False  # a `_send` is due at the end of this loop turn
+        self._flying = 0  # batches written or being written whose replies are not all read
+        self._line: _Line | None = None  # the connection carrying them
         self._runs: set[asyncio.Future[Any]] = set()  # in flight: keep a reference
         # Scripts this pipeline has sent `SCRIPT LOAD` for (forgotten when Redis says it
         # lost them): loading ahead, in the same batch, keeps the runs in order.
@@ -114,8 +125,8 @@ class AutoPipeline:
         """Queue one command (name and arguments, as for `execute_command`)."""
         future = asyncio.get_running_loop().create_future()
         self._pending.append((args, future))
-        if not self._busy:
-            self._busy = True
+        if not self._scheduled and self._flying < self.max_in_flight:
+            self._scheduled = True
             asyncio.get_running_loop().call_soon(self._send)
         return future
 
@@ -169,21 +180,24 @@ class AutoPipeline:
         return await self._exchange(commands) if commands else []
 
     def _send(self) -> None:
-        batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-        run = asyncio.ensure_future(self._round_trip(batch))
-        self._runs.add(run)
-        run.add_done_callback(self._sent)
+        self._scheduled = False
+        while self._pending and self._flying < self.max_in_flight:
+            batch = self._pending[: self.max_batch]
+            self._pending = self._pending[self.max_batch :]
+            self._flying += 1
+            run = asyncio.ensure_future(self._round_trip(batch))
+            self._runs.add(run)
+            run.add_done_callback(self._sent)
 
     def _sent(self, run: asyncio.Task[None]) -> None:
         self._runs.discard(run)
-        if self._pending:
+        self._flying -= 1
+        if not self._scheduled:
             self._send()
-        else:
-            self._busy = False
 
     async def _round_trip(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         try:
-            results = await self._exchange([args for args, _ in batch])
+            results = await self._carry([args for args, _ in batch])
         except asyncio.CancelledError:  # the node is stopping
             for _, future in batch:
                 future.cancel()
@@ -200,6 +214,51 @@ class AutoPipeline:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+    async def _carry(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Write ``commands`` on the current line once the batch ahead is written, and read
+        their replies once the batch ahead has read its own (raw replies, as `_exchange`)."""
+        line = self._line
+        if line is None or line.failed:
+            line = self._line = _Line(self.redis.connection_pool)
+        loop = asyncio.get_running_loop()
+        written_ahead, read_ahead = line.written, line.read
+        written, read = line.written, line.read = loop.create_future(), loop.create_future()
+        line.batches += 1
+        conn: AbstractConnection | None = None
+        try:
+            conn = await asyncio.shield(line.checkout)  # shared: one batch's end is not all's
+            _raise_if_failed(await written_ahead)
+            await conn.send_packed_command(_pack(conn, commands), check_health=False)
+            written.set_result(None)
+            _raise_if_failed(await read_ahead)
+            bound = conn.socket_timeout
+            replies: list[Any] = []
+            try:
+                async with asyncio.timeout(bound):
+                    for _ in commands:
+                        try:  # inf: no timeout context per reply (the batch has one)
+                            replies.append(await conn.read_response(timeout=math.inf))
+                        except ResponseError as exc:
+                            replies.append(exc)
+            except TimeoutError as exc:  # as redis-py says it
+                raise RedisTimeoutError(f"no reply from Redis within {bound} s") from exc
+            read.set_result(None)
+            return replies
+        except BaseException as exc:  # replies may be left unread: never reuse this connection
+            line.failed = True
+            for step in (written, read):
+                if not step.done():
+                    step.set_result(exc)
+            if conn is not None:
+                await conn.disconnect(nowait=True)
+            raise
+        finally:
+            line.batches -= 1
+            if line.batches == 0:
+                if self._line is line:
+                    self._line = None
+                await line.close(self.redis.connection_pool)
 
     async def _exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send ``commands`` in one write and read their replies, as they come (no response
@@ -239,6 +298,36 @@ class AutoPipeline:
             raise
         finally:
             await pool.release(conn)
+
+
+class _Line:
+    """A pooled connection carrying batches back to back, checked out for the first and
+    released after the last; each batch waits on the one ahead to write, then to read."""
+
+    def __init__(self, pool: Any) -> None:
+        self.checkout: asyncio.Future[AbstractConnection] = asyncio.ensure_future(
+            pool.get_connection()
+        )
+        loop = asyncio.get_running_loop()
+        # The last batch's steps: None once done, the exception if it failed.
+        self.written: asyncio.Future[BaseException | None] = loop.create_future()
+        self.read: asyncio.Future[BaseException | None] = loop.create_future()
+        self.written.set_result(None)
+        self.read.set_result(None)
+        self.batches = 0
+        self.failed = False
+
+    async def close(self, pool: Any) -> None:
+        """Give the connection back (after its last batch), or stop waiting for one."""
+        if not self.checkout.done():
+            self.checkout.cancel()  # every batch gave up first (the pool takes it back)
+        elif not self.checkout.cancelled() and self.checkout.exception() is None:
+            await pool.release(self.checkout.result())
+
+
+def _raise_if_failed(ahead: BaseException | None) -> None:
+    if ahead is not None:
+        raise RedisConnectionError(f"a batch ahead on the connection failed: {ahead!r}")
 
 
 def _pack(conn: AbstractConnection, commands: list[tuple[Any, ...]]) -> list[bytes]:

@@ -6,16 +6,18 @@ import asyncio
 import functools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import hiredis
+from redis._parsers import _AsyncHiredisParser
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from apix.config import RedisSettings
@@ -96,13 +98,14 @@ class AutoPipeline:
     redis-py; gathered into one pipeline they pay that once. No timer is involved: the first
     command goes out at the end of the current loop turn, so an idle node adds no latency.
 
-    Batches are pipelined on one connection: up to `max_in_flight` are written back to back,
-    each as soon as it is formed, without waiting for the replies to the one ahead, and
-    their replies are read in the order written (Redis answers a connection's commands in
-    order, so the commands run in the order they were queued). Past that, commands wait for
-    the next free place and go out together. A batch that fails (a dropped connection, no
-    reply in time) fails the batches behind it on the same connection, which is closed; the
-    next batch gets a new one. A failed batch is not retried: its commands may have run.
+    The batches go over one connection of the pipeline's own (`_Line`), pipelined: up to
+    `max_in_flight` are written back to back, each as soon as it is formed, without waiting
+    for the replies to the one ahead; replies are parsed as they arrive and handed out in
+    the order written (Redis answers a connection's commands in order, so commands run in
+    the order they were queued). Past that, commands wait for the next free place and go out
+    together. When the connection fails (dropped, no reply in time) every command waiting on
+    it fails, and the next batch gets a new connection. A failed batch is not retried: its
+    commands may have run.
 
     Commands are independent (no MULTI): use it for single commands and scripts, not for
     reads that must see one moment across several keys.
@@ -114,9 +117,9 @@ class AutoPipeline:
         self.max_in_flight = max_in_flight
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._scheduled = False  # a `_send` is due at the end of this loop turn
-        self._flying = 0  # batches written or being written whose replies are not all read
-        self._line: _Line | None = None  # the connection carrying them
-        self._runs: set[asyncio.Future[Any]] = set()  # in flight: keep a reference
+        self._line: _Line | None = None
+        self._opening: asyncio.Future[None] | None = None  # a line being connected
+        self._runs: set[asyncio.Future[Any]] = set()  # tasks under way: keep a reference
         # Scripts this pipeline has sent `SCRIPT LOAD` for (forgotten when Redis says it
         # lost them): loading ahead, in the same batch, keeps the runs in order.
         self._loaded: set[str] = set()
@@ -125,7 +128,7 @@ class AutoPipeline:
         """Queue one command (name and arguments, as for `execute_command`)."""
         future = asyncio.get_running_loop().create_future()
         self._pending.append((args, future))
-        if not self._scheduled and self._flying < self.max_in_flight:
+        if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._send)
         return future
@@ -181,84 +184,56 @@ class AutoPipeline:
 
     def _send(self) -> None:
         self._scheduled = False
-        while self._pending and self._flying < self.max_in_flight:
+        line = self._line
+        if line is None:
+            if self._opening is None and self._pending:
+                self._opening = self._start(self._open())
+            return
+        while self._pending and len(line.batches) < self.max_in_flight:
             batch = self._pending[: self.max_batch]
             self._pending = self._pending[self.max_batch :]
-            self._flying += 1
-            run = asyncio.ensure_future(self._round_trip(batch))
-            self._runs.add(run)
-            run.add_done_callback(self._sent)
+            self._write(line, batch)
 
-    def _sent(self, run: asyncio.Task[None]) -> None:
-        self._runs.discard(run)
-        self._flying -= 1
-        if not self._scheduled:
-            self._send()
+    def _write(self, line: _Line, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        line.write([args for args, _ in batch], [future for _, future in batch])
 
-    async def _round_trip(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+    async def _open(self) -> None:
         try:
-            results = await self._carry([args for args, _ in batch])
-        except asyncio.CancelledError:  # the node is stopping
-            for _, future in batch:
-                future.cancel()
-            raise
-        except Exception as exc:  # the round trip failed: so did every command in it
-            for _, future in batch:
+            conn = await self.redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        except Exception as exc:  # no connection: the commands waiting for one fail
+            failed, self._pending = self._pending, []
+            for _, future in failed:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, future), result in zip(batch, results, strict=True):
-            if future.done():  # the caller gave up (cancelled)
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-
-    async def _carry(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Write ``commands`` on the current line once the batch ahead is written, and read
-        their replies once the batch ahead has read its own (raw replies, as `_exchange`)."""
-        line = self._line
-        if line is None or line.failed:
-            line = self._line = _Line(self.redis.connection_pool)
-        loop = asyncio.get_running_loop()
-        written_ahead, read_ahead = line.written, line.read
-        written, read = line.written, line.read = loop.create_future(), loop.create_future()
-        line.batches += 1
-        conn: AbstractConnection | None = None
-        try:
-            conn = await asyncio.shield(line.checkout)  # shared: one batch's end is not all's
-            _raise_if_failed(await written_ahead)
-            await conn.send_packed_command(_pack(conn, commands), check_health=False)
-            written.set_result(None)
-            _raise_if_failed(await read_ahead)
-            bound = conn.socket_timeout
-            replies: list[Any] = []
-            try:
-                async with asyncio.timeout(bound):
-                    for _ in commands:
-                        try:  # inf: no timeout context per reply (the batch has one)
-                            replies.append(await conn.read_response(timeout=math.inf))
-                        except ResponseError as exc:
-                            replies.append(exc)
-            except TimeoutError as exc:  # as redis-py says it
-                raise RedisTimeoutError(f"no reply from Redis within {bound} s") from exc
-            read.set_result(None)
-            return replies
-        except BaseException as exc:  # replies may be left unread: never reuse this connection
-            line.failed = True
-            for step in (written, read):
-                if not step.done():
-                    step.set_result(exc)
-            if conn is not None:
-                await conn.disconnect(nowait=True)
-            raise
         finally:
-            line.batches -= 1
-            if line.batches == 0:
-                if self._line is line:
-                    self._line = None
-                await line.close(self.redis.connection_pool)
+            self._opening = None
+        self._line = _Line(conn, self)
+        self._send()
+
+    def _answered(self) -> None:
+        """The line finished a batch: a place is free."""
+        if self._pending and not self._scheduled:
+            self._send()
+
+    def _lost(self, line: _Line) -> None:
+        """The line failed: give its connection back closed; the next batch opens another."""
+        if self._line is line:
+            self._line = None
+        self._start(self._give_back(line.conn))
+        if self._pending and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._send)
+
+    async def _give_back(self, conn: AbstractConnection) -> None:
+        await conn.disconnect(nowait=True)
+        await self.redis.connection_pool.release(conn)
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+        task = asyncio.ensure_future(work)
+        self._runs.add(task)
+        task.add_done_callback(self._runs.discard)
+        return task
 
     async def _exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send ``commands`` in one write and read their replies, as they come (no response
@@ -300,34 +275,98 @@ class AutoPipeline:
             await pool.release(conn)
 
 
-class _Line:
-    """A pooled connection carrying batches back to back, checked out for the first and
-    released after the last; each batch waits on the one ahead to write, then to read."""
+class _Line(asyncio.Protocol):
+    """The pipeline's connection: batches written back to back as they form, replies parsed
+    as they arrive (hiredis, as redis-py parses them) and handed to the callers in order.
 
-    def __init__(self, pool: Any) -> None:
-        self.checkout: asyncio.Future[AbstractConnection] = asyncio.ensure_future(
-            pool.get_connection()
+    It starts as a connection from the pool, which did the handshake (TLS, AUTH, HELLO,
+    SELECT), and takes over its transport: no task, timeout context or coroutine per reply.
+    A batch gets `socket_timeout` from the moment it is the oldest unanswered one.
+    """
+
+    def __init__(self, conn: AbstractConnection, owner: AutoPipeline) -> None:
+        self.conn, self.owner = conn, owner
+        self.bound = conn.socket_timeout
+        self.reader = hiredis.Reader(
+            protocolError=InvalidResponse, replyError=_AsyncHiredisParser.parse_error
         )
-        loop = asyncio.get_running_loop()
-        # The last batch's steps: None once done, the exception if it failed.
-        self.written: asyncio.Future[BaseException | None] = loop.create_future()
-        self.read: asyncio.Future[BaseException | None] = loop.create_future()
-        self.written.set_result(None)
-        self.read.set_result(None)
-        self.batches = 0
+        self.batches: deque[list[asyncio.Future[Any]]] = deque()  # written, not all answered
+        self.answered = 0  # replies the oldest batch has had
+        self.timer: asyncio.TimerHandle | None = None
         self.failed = False
+        self.transport: asyncio.Transport = conn._writer.transport  # type: ignore[union-attr,assignment]
+        self.streams = self.transport.get_protocol()  # redis-py's: told when it closes
+        self.transport.set_protocol(self)
 
-    async def close(self, pool: Any) -> None:
-        """Give the connection back (after its last batch), or stop waiting for one."""
-        if not self.checkout.done():
-            self.checkout.cancel()  # every batch gave up first (the pool takes it back)
-        elif not self.checkout.cancelled() and self.checkout.exception() is None:
-            await pool.release(self.checkout.result())
+    def write(self, commands: list[tuple[Any, ...]], futures: list[asyncio.Future[Any]]) -> None:
+        try:
+            packed = _pack(self.conn, commands)
+        except Exception as exc:  # e.g. an argument Redis cannot take: this batch fails
+            for future in futures:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        self.transport.writelines(packed)
+        self.batches.append(futures)
+        if len(self.batches) == 1:
+            self._arm()
 
+    def data_received(self, data: bytes) -> None:
+        reader, batches = self.reader, self.batches
+        reader.feed(data)
+        done = False
+        try:
+            while (reply := reader.gets()) is not False:
+                futures = batches[0]
+                future = futures[self.answered]
+                self.answered += 1
+                if self.answered == len(futures):
+                    batches.popleft()
+                    self.answered = 0
+                    done = True
+                if future.done():  # the caller gave up (cancelled)
+                    continue
+                if isinstance(reply, Exception):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+        except Exception as exc:  # a reply out of protocol, or one nobody asked for
+            self._fail(exc)
+            return
+        if done:
+            if self.timer is not None:
+                self.timer.cancel()
+            if batches:
+                self._arm()
+            self.owner._answered()
 
-def _raise_if_failed(ahead: BaseException | None) -> None:
-    if ahead is not None:
-        raise RedisConnectionError(f"a batch ahead on the connection failed: {ahead!r}")
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(RedisConnectionError(f"Redis closed the connection: {exc or 'end of file'}"))
+        self.streams.connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self.bound is not None:
+            self.timer = asyncio.get_running_loop().call_later(self.bound, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._fail(RedisTimeoutError(f"no reply from Redis within {self.bound} s"))
+
+    def _fail(self, exc: Exception) -> None:
+        """Every command waiting here fails (the oldest batch's with ``exc``), and the
+        connection is closed: replies may be left unread."""
+        if self.failed:
+            return
+        self.failed = True
+        if self.timer is not None:
+            self.timer.cancel()
+        behind = RedisConnectionError(f"a batch ahead on the connection failed: {exc!r}")
+        for n, futures in enumerate(self.batches):
+            for future in futures:
+                if not future.done():
+                    future.set_exception(exc if n == 0 else behind)
+        self.batches.clear()
+        self.transport.close()
+        self.owner._lost(self)
 
 
 def _pack(conn: AbstractConnection, commands: list[tuple[Any, ...]]) -> list[bytes]:

@@ -235,3 +235,56 @@ async def test_a_failed_batch_fails_the_batches_behind_it_on_its_connection(
         assert await batch.call("CLIENT", "ID") != own_id
     finally:
         await client.aclose()
+
+
+async def test_a_resp3_false_reply_is_a_reply(redis: Redis) -> None:
+    """hiredis's default "no reply yet" is `False`, which RESP3 can also answer."""
+    batch = AutoPipeline(redis)
+    falsy = batch.call("EVAL", "redis.setresp(3); return false", 0)
+    after = batch.call("PING")
+    assert await falsy is False
+    assert await after == b"PONG"
+
+
+async def test_a_push_from_redis_is_not_taken_for_a_reply(redis: Redis) -> None:
+    """A RESP3 push (here a client-tracking invalidation) arriving while a batch waits
+    for its reply is not handed to that batch."""
+    batch = AutoPipeline(redis)
+    key = f"t:tracked:{uuid.uuid4().hex}"
+    assert await batch.call("CLIENT", "TRACKING", "ON") == b"OK"
+    assert await batch.call("GET", key) is None  # now tracked: a change is pushed
+    waiting = batch.call("BLPOP", f"t:empty:{uuid.uuid4().hex}", 0.3)
+    await asyncio.sleep(0.05)
+    await redis.set(key, "changed")  # another connection: the pipeline's gets a push
+    assert await waiting is None
+    assert await batch.call("GET", key) == b"changed"
+
+
+async def test_after_an_idle_spell_the_connection_is_checked_before_use(
+    servers: Servers,
+) -> None:
+    """Idle past the pool's health-check interval, the connection goes back to the pool,
+    and the next batch takes one that was checked with a PING (as redis-py checks it)."""
+    client = create_redis(servers.redis_url, RedisSettings())
+    pool = client.connection_pool
+    pings = 0
+
+    class Counting(pool.connection_class):  # type: ignore[name-defined,misc]
+        async def _send_ping(self) -> None:
+            nonlocal pings
+            pings += 1
+            await super()._send_ping()
+
+    pool.connection_class = Counting
+    pool.connection_kwargs["health_check_interval"] = 0.2
+    try:
+        batch = AutoPipeline(client)
+        assert await batch.call("PING") == b"PONG"
+        await asyncio.sleep(0.3)
+        before = pings
+        assert await batch.call("SET", f"t:idle:{uuid.uuid4().hex}", "x") == b"OK"
+        assert pings == before + 1
+        assert await batch.call("PING") == b"PONG"  # busy again: no check in between
+        assert pings == before + 1
+    finally:
+        await client.aclose()

@@ -95,8 +95,9 @@ class AutoPipeline:
     On the hot paths many coroutines each send a command or two: a storm of connects
     (revocation checks, registry and session writes) or of HTTP publishes. One by one, each
     pays a pool checkout, a timeout context and a round trip, about 0.1 ms of CPU in
-    redis-py; gathered into one pipeline they pay that once. No timer is involved: the first
-    command goes out at the end of the current loop turn, so an idle node adds no latency.
+    redis-py; gathered into one pipeline they pay that once. Nothing waits to fill a batch:
+    the first command goes out at the end of the current loop turn, so an idle node adds no
+    latency.
 
     The batches go over one connection of the pipeline's own (`_Line`), pipelined: up to
     `max_in_flight` are written back to back, each as soon as it is formed, without waiting
@@ -105,7 +106,10 @@ class AutoPipeline:
     the order they were queued). Past that, commands wait for the next free place and go out
     together. When the connection fails (dropped, no reply in time) every command waiting on
     it fails, and the next batch gets a new connection. A failed batch is not retried: its
-    commands may have run.
+    commands may have run. The connection is held while it is in use, and given back to
+    the pool once it has been idle longer than the pool's health-check interval (the next
+    batch takes one that was checked): make one pipeline per process and share it (the
+    gateway's is shared by its broker, registry and sessions), not one per request.
 
     Commands are independent (no MULTI): use it for single commands and scripts, not for
     reads that must see one moment across several keys.
@@ -185,6 +189,10 @@ class AutoPipeline:
     def _send(self) -> None:
         self._scheduled = False
         line = self._line
+        if line is not None and line.stale():  # idle for a while: back to the pool
+            self._line = None
+            self._start(self._give_back(line.retire()))
+            line = None
         if line is None:
             if self._opening is None and self._pending:
                 self._opening = self._start(self._open())
@@ -198,13 +206,25 @@ class AutoPipeline:
         line.write([args for args, _ in batch], [future for _, future in batch])
 
     async def _open(self) -> None:
+        pool = self.redis.connection_pool
         try:
-            conn = await self.redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-        except Exception as exc:  # no connection: the commands waiting for one fail
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+            try:
+                await conn.check_health()  # a PING if it was idle past the interval
+            except BaseException:
+                await self._give_back(conn)
+                raise
+        except BaseException as exc:  # no connection: the commands waiting for one fail
             failed, self._pending = self._pending, []
             for _, future in failed:
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(exc, Exception):
                     future.set_exception(exc)
+                else:
+                    future.cancel()  # the node is stopping
+            if not isinstance(exc, Exception):
+                raise
             return
         finally:
             self._opening = None
@@ -220,14 +240,17 @@ class AutoPipeline:
         """The line failed: give its connection back closed; the next batch opens another."""
         if self._line is line:
             self._line = None
-        self._start(self._give_back(line.conn))
+        self._start(self._give_back(line.conn, close=True))
         if self._pending and not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._send)
 
-    async def _give_back(self, conn: AbstractConnection) -> None:
-        await conn.disconnect(nowait=True)
-        await self.redis.connection_pool.release(conn)
+    async def _give_back(self, conn: AbstractConnection, *, close: bool = False) -> None:
+        try:
+            if close:
+                await conn.disconnect(nowait=True)
+        finally:
+            await self.redis.connection_pool.release(conn)
 
     def _start(self, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
         task = asyncio.ensure_future(work)
@@ -237,7 +260,7 @@ class AutoPipeline:
 
     async def _exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send ``commands`` in one write and read their replies, as they come (no response
-        callbacks: ``SET`` answers ``b"OK"``, ``ZSCORE`` a bytes number).
+        callbacks: ``SET`` answers ``b"OK"``, ``ZSCORE`` a float in RESP3).
 
         redis-py's pipeline costs about 30 µs of CPU per command, a third of it a timeout
         context per reply; this pays one bound for the whole batch, about 8 µs a command.
@@ -288,12 +311,15 @@ class _Line(asyncio.Protocol):
         self.conn, self.owner = conn, owner
         self.bound = conn.socket_timeout
         self.reader = hiredis.Reader(
-            protocolError=InvalidResponse, replyError=_AsyncHiredisParser.parse_error
+            protocolError=InvalidResponse,
+            replyError=_AsyncHiredisParser.parse_error,
+            notEnoughData=_INCOMPLETE,  # not False: a RESP3 reply can be `false`
         )
         self.batches: deque[list[asyncio.Future[Any]]] = deque()  # written, not all answered
         self.answered = 0  # replies the oldest batch has had
         self.timer: asyncio.TimerHandle | None = None
         self.failed = False
+        self.idle_since = asyncio.get_running_loop().time()
         self.transport: asyncio.Transport = conn._writer.transport  # type: ignore[union-attr,assignment]
         self.streams = self.transport.get_protocol()  # redis-py's: told when it closes
         self.transport.set_protocol(self)
@@ -316,7 +342,9 @@ class _Line(asyncio.Protocol):
         reader.feed(data)
         done = False
         try:
-            while (reply := reader.gets()) is not False:
+            while (reply := reader.gets()) is not _INCOMPLETE:
+                if isinstance(reply, hiredis.PushNotification):
+                    continue  # not a reply (server-side notices): redis-py's handlers skipped
                 futures = batches[0]
                 future = futures[self.answered]
                 self.answered += 1
@@ -338,11 +366,31 @@ class _Line(asyncio.Protocol):
                 self.timer.cancel()
             if batches:
                 self._arm()
+            else:
+                self.idle_since = asyncio.get_running_loop().time()
             self.owner._answered()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(RedisConnectionError(f"Redis closed the connection: {exc or 'end of file'}"))
-        self.streams.connection_lost(exc)
+        try:
+            self._fail(RedisConnectionError(f"Redis closed the connection: {exc or 'end of file'}"))
+        finally:
+            self.streams.connection_lost(exc)  # redis-py's `disconnect()` waits for this
+
+    def stale(self) -> bool:
+        """Idle (nothing waiting) longer than the pool's health-check interval: whether the
+        connection still works is no longer known."""
+        interval = self.conn.health_check_interval
+        return (
+            not self.batches
+            and bool(interval)
+            and asyncio.get_running_loop().time() - self.idle_since > interval
+        )
+
+    def retire(self) -> AbstractConnection:
+        """Hand the transport back to redis-py's side of the connection (idle: nothing unread)."""
+        self.failed = True  # never written to again
+        self.transport.set_protocol(self.streams)
+        return self.conn
 
     def _arm(self) -> None:
         if self.bound is not None:
@@ -367,6 +415,9 @@ class _Line(asyncio.Protocol):
         self.batches.clear()
         self.transport.close()
         self.owner._lost(self)
+
+
+_INCOMPLETE = object()  # what `hiredis.Reader.gets` answers while a reply is incomplete
 
 
 def _pack(conn: AbstractConnection, commands: list[tuple[Any, ...]]) -> list[bytes]:

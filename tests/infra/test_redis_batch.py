@@ -222,7 +222,7 @@ async def test_a_failed_batch_fails_the_batches_behind_it_on_its_connection(
     fails too, and the connection is closed; the next batch gets a new one."""
     client = create_redis(servers.redis_url, RedisSettings(socket_timeout_s=0.3))
     try:
-        batch = AutoPipeline(client)
+        batch = AutoPipeline(client, max_in_flight=2)
         own_id = await batch.call("CLIENT", "ID")
         blocked = batch.call("BLPOP", f"t:never:{uuid.uuid4().hex}", 0)  # waits for ever
         await asyncio.sleep(0.05)

@@ -99,23 +99,26 @@ class AutoPipeline:
     the first command goes out at the end of the current loop turn, so an idle node adds no
     latency.
 
-    The batches go over one connection of the pipeline's own (`_Line`), pipelined: up to
-    `max_in_flight` are written back to back, each as soon as it is formed, without waiting
-    for the replies to the one ahead; replies are parsed as they arrive and handed out in
-    the order written (Redis answers a connection's commands in order, so commands run in
-    the order they were queued). Past that, commands wait for the next free place and go out
-    together. When the connection fails (dropped, no reply in time) every command waiting on
-    it fails, and the next batch gets a new connection. A failed batch is not retried: its
-    commands may have run. The connection is held while it is in use, and given back to
-    the pool once it has been idle longer than the pool's health-check interval (the next
-    batch takes one that was checked): make one pipeline per process and share it (the
-    gateway's is shared by its broker, registry and sessions), not one per request.
+    The batches go over one connection of the pipeline's own (`_Line`), whose replies are
+    parsed as they arrive and handed out in the order written (Redis answers a connection's
+    commands in order, so commands run in the order they were queued). One batch is in
+    flight at a time: what is queued meanwhile goes out together once its replies are in.
+    With `max_in_flight` above one, batches are pipelined, each written as soon as it is
+    formed without waiting for the replies to the one ahead; measured, two in flight made
+    smaller batches and more writes, and HTTP publish lost about a fifth of its rate
+    (docs/benchmarks.md). When the connection fails (dropped, no reply in time) every
+    command waiting on it fails, and the next batch gets a new connection. A failed batch is
+    not retried: its commands may have run. The connection is held while it is in use, and
+    given back to the pool once it has been idle longer than the pool's health-check
+    interval (the next batch takes one that was checked): make one pipeline per process and
+    share it (the gateway's is shared by its broker, registry and sessions), not one per
+    request.
 
     Commands are independent (no MULTI): use it for single commands and scripts, not for
     reads that must see one moment across several keys.
     """
 
-    def __init__(self, redis: Redis, *, max_batch: int = 512, max_in_flight: int = 2) -> None:
+    def __init__(self, redis: Redis, *, max_batch: int = 512, max_in_flight: int = 1) -> None:
         self.redis = redis
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight

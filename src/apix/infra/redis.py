@@ -105,7 +105,7 @@ class AutoPipeline:
     flight at a time: what is queued meanwhile goes out together once its replies are in.
     With `max_in_flight` above one, batches are pipelined, each written as soon as it is
     formed without waiting for the replies to the one ahead; measured, two in flight made
-    smaller batches and more writes, and HTTP publish lost about a fifth of its rate
+    smaller batches and more writes, and HTTP publish's rate fell by a tenth to a fifth
     (docs/benchmarks.md). When the connection fails (dropped, no reply in time) every
     command waiting on it fails, and the next batch gets a new connection. A failed batch is
     not retried: its commands may have run. The connection is held while it is in use, and

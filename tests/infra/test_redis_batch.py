@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -28,6 +29,14 @@ class CountingPipelines(AutoPipeline):
     def _write(self, line: Any, batch: list) -> None:  # type: ignore[type-arg]
         self.round_trips += 1
         super()._write(line, batch)
+
+
+@pytest.fixture
+async def impatient(servers: Servers) -> AsyncIterator[Redis]:
+    """A client whose commands have 0.3 s for their replies."""
+    client = create_redis(servers.redis_url, RedisSettings(socket_timeout_s=0.3))
+    yield client
+    await client.aclose()
 
 
 async def test_concurrent_commands_share_round_trips(redis: Redis) -> None:
@@ -128,27 +137,23 @@ async def test_after_redis_drops_the_connection_the_next_batch_gets_a_new_one(
 
 
 async def test_a_batch_without_reply_times_out_and_its_connection_is_not_reused(
-    servers: Servers,
+    impatient: Redis,
 ) -> None:
     """One bound for the whole batch: past it every command fails with redis-py's timeout
     error, and the connection (its replies unread) is closed, not handed to the next batch."""
-    client = create_redis(servers.redis_url, RedisSettings(socket_timeout_s=0.3))
-    try:
-        batch = AutoPipeline(client)
-        own_id = await batch.call("CLIENT", "ID")
-        key = f"t:never:{uuid.uuid4().hex}"
-        started = asyncio.get_running_loop().time()
-        blocked = batch.call("BLPOP", key, 0)  # waits for ever
-        behind = batch.call("PING")
-        with pytest.raises(RedisTimeoutError):
-            await blocked
-        with pytest.raises(RedisTimeoutError):
-            await behind
-        assert asyncio.get_running_loop().time() - started < 10
-        assert await batch.call("PING") == b"PONG"
-        assert await batch.call("CLIENT", "ID") != own_id
-    finally:
-        await client.aclose()
+    batch = AutoPipeline(impatient)
+    own_id = await batch.call("CLIENT", "ID")
+    key = f"t:never:{uuid.uuid4().hex}"
+    started = asyncio.get_running_loop().time()
+    blocked = batch.call("BLPOP", key, 0)  # waits for ever
+    behind = batch.call("PING")
+    with pytest.raises(RedisTimeoutError):
+        await blocked
+    with pytest.raises(RedisTimeoutError):
+        await behind
+    assert asyncio.get_running_loop().time() - started < 10
+    assert await batch.call("PING") == b"PONG"
+    assert await batch.call("CLIENT", "ID") != own_id
 
 
 async def test_a_bulk_runs_in_one_exchange_with_each_reply_in_its_place(redis: Redis) -> None:
@@ -216,25 +221,21 @@ async def test_pipelined_batches_run_in_the_order_their_commands_were_queued(
 
 
 async def test_a_failed_batch_fails_the_batches_behind_it_on_its_connection(
-    servers: Servers,
+    impatient: Redis,
 ) -> None:
     """The batch behind was written on a connection whose replies are now out of step: it
     fails too, and the connection is closed; the next batch gets a new one."""
-    client = create_redis(servers.redis_url, RedisSettings(socket_timeout_s=0.3))
-    try:
-        batch = AutoPipeline(client, max_in_flight=2)
-        own_id = await batch.call("CLIENT", "ID")
-        blocked = batch.call("BLPOP", f"t:never:{uuid.uuid4().hex}", 0)  # waits for ever
-        await asyncio.sleep(0.05)
-        behind = batch.call("PING")
-        with pytest.raises(RedisTimeoutError):
-            await blocked
-        with pytest.raises(RedisConnectionError, match="a batch ahead"):
-            await behind
-        assert await batch.call("PING") == b"PONG"
-        assert await batch.call("CLIENT", "ID") != own_id
-    finally:
-        await client.aclose()
+    batch = AutoPipeline(impatient, max_in_flight=2)
+    own_id = await batch.call("CLIENT", "ID")
+    blocked = batch.call("BLPOP", f"t:never:{uuid.uuid4().hex}", 0)  # waits for ever
+    await asyncio.sleep(0.05)
+    behind = batch.call("PING")
+    with pytest.raises(RedisTimeoutError):
+        await blocked
+    with pytest.raises(RedisConnectionError, match="a batch ahead"):
+        await behind
+    assert await batch.call("PING") == b"PONG"
+    assert await batch.call("CLIENT", "ID") != own_id
 
 
 async def test_a_resp3_false_reply_is_a_reply(redis: Redis) -> None:

@@ -135,9 +135,7 @@ class AutoPipeline:
         """Queue one command (name and arguments, as for `execute_command`)."""
         future = asyncio.get_running_loop().create_future()
         self._pending.append((args, future))
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._send)
+        self._schedule()
         return future
 
     def send(self, *args: Any) -> None:
@@ -188,6 +186,12 @@ class AutoPipeline:
         others: use it for writes whose order against them does not matter). Raw replies,
         in order; a command Redis refused gives its error in its place."""
         return await self._exchange(commands) if commands else []
+
+    def _schedule(self) -> None:
+        """Send what is queued at the end of this loop turn."""
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._send)
 
     def _send(self) -> None:
         self._scheduled = False
@@ -244,9 +248,8 @@ class AutoPipeline:
         if self._line is line:
             self._line = None
         self._start(self._give_back(line.conn, close=True))
-        if self._pending and not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._send)
+        if self._pending:
+            self._schedule()
 
     async def _give_back(self, conn: AbstractConnection, *, close: bool = False) -> None:
         try:

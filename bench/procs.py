@@ -177,6 +177,17 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return total
 
 
+def context_switches(pids: Iterable[int]) -> tuple[int, int]:
+    """Voluntary and involuntary context switches of the process trees rooted at ``pids``."""
+    voluntary = involuntary = 0
+    for proc in _tree(pids):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            switches = proc.num_ctx_switches()
+            voluntary += switches.voluntary
+            involuntary += switches.involuntary
+    return voluntary, involuntary
+
+
 def wait_idle(pids: list[int], *, timeout_s: float, cores: float = 0.05) -> None:
     """Wait until the process trees use less than ``cores`` over half a second (start-up
     done), or ``timeout_s`` passed."""
@@ -209,17 +220,27 @@ class CpuWindow:
     pids: list[int]
     started_cpu: float = 0.0
     started_at: float = 0.0
+    started_switches: tuple[int, int] = (0, 0)
     cpu: float = 0.0
     wall: float = 0.0
+    # Voluntary (waited for input) and involuntary (preempted while runnable) switches: many
+    # of the second say the processes fought over the cores.
+    switches: tuple[int, int] = (0, 0)
 
     def start(self) -> CpuWindow:
         self.started_cpu = cpu_seconds(self.pids)
+        self.started_switches = context_switches(self.pids)
         self.started_at = time.monotonic()
         return self
 
     def stop(self) -> CpuWindow:
         self.cpu = cpu_seconds(self.pids) - self.started_cpu
         self.wall = time.monotonic() - self.started_at
+        voluntary, involuntary = context_switches(self.pids)
+        self.switches = (
+            voluntary - self.started_switches[0],
+            involuntary - self.started_switches[1],
+        )
         return self
 
 

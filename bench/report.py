@@ -384,6 +384,12 @@ def _targets(results: dict[str, Any]) -> str:
     return intro + "\n\n" + _table(["target", "this run", "verdict"], rows)
 
 
+def _switches(per_connect: list[float] | None) -> str:
+    if not per_connect:
+        return ""  # not measured before the thirteenth session
+    return f"{per_connect[0]:.2f} / {per_connect[1]:.2f}"
+
+
 def _held(results: dict[str, Any], charts: dict[str, str]) -> list[str]:
     rows = results.get("held", [])
     if not rows:
@@ -396,7 +402,11 @@ def _held(results: dict[str, Any], charts: dict[str, str]) -> list[str]:
         "RSS per connection = (server RSS after opening \u2212 RSS before) ÷ N; APIX's Redis and "
         "PostgreSQL are listed apart (“aux”), and so is the CPU they and the event archiver "
         "(`apix worker`) spent while the connections opened (each connect and subscribe "
-        "publishes two `monitor` events; since the fifth session they are no longer archived)."
+        "publishes two `monitor` events; since the fifth session they are no longer archived). "
+        "*Server switches per connect*: how often the server's processes stopped to wait for "
+        "input, and how often they were taken off a core while they still had work "
+        "(preempted: the cores were contended); *generator cores*: the load generator's CPU "
+        "while the connections opened."
     )
     out.append("")
     table: list[list[str]] = []
@@ -407,7 +417,7 @@ def _held(results: dict[str, Any], charts: dict[str, str]) -> list[str]:
         apix = per.get("apix", {})
         for key, r in per.items():
             if "error" in r:
-                table.append([_label(key), f"{n:,}", "failed: " + r["error"][:80]] + [""] * 9)
+                table.append([_label(key), f"{n:,}", "failed: " + r["error"][:80]] + [""] * 11)
                 continue
             table.append(
                 [
@@ -418,6 +428,8 @@ def _held(results: dict[str, Any], charts: dict[str, str]) -> list[str]:
                     _fmt(r["connects_per_s"], 0),
                     _fmt(r["connect_server_cpu_us"], 0),
                     _fmt(r.get("connect_aux_cpu_us"), 0) if key == "apix" else "",
+                    _switches(r.get("connect_server_switches")),
+                    _fmt(r.get("connect_generator_cores"), 2),
                     _fmt(r["kib_per_connection"]),
                     _fmt(r["aux_kib_per_connection"]) if key == "apix" else "",
                     _ratio(apix.get("kib_per_connection"), r["kib_per_connection"]),
@@ -435,6 +447,8 @@ def _held(results: dict[str, Any], charts: dict[str, str]) -> list[str]:
                 "connects/s",
                 "server CPU µs per connect",
                 "aux CPU µs per connect",
+                "server switches per connect (waited / preempted)",
+                "generator cores",
                 "KiB per connection",
                 "aux KiB/conn",
                 "APIX ÷ this (KiB)",
@@ -621,6 +635,11 @@ def _http(results: dict[str, Any]) -> list[str]:
         "generator cores",
     ]
     out += ["", _table(header, table)]
+    parts = apix.get("aux_us_per_event_parts") if apix else None
+    if parts:
+        names = {"redis": "Redis", "postgres": "PostgreSQL", "worker": "the archiver"}
+        split = ", ".join(f"{names.get(k, k)} {_fmt(v, 1)}" for k, v in parts.items())
+        out += ["", f"APIX's *+ Redis/PG* beyond the node, µs per event: {split}."]
     out += _rounds_note(rows, "events_per_s", "events/s", "Events/s", lambda r: _label(r["target"]))
     return [*out, ""]
 

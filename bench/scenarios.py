@@ -226,9 +226,11 @@ def _held_once(ctx: Context, key: str, n: int, suffix: str) -> dict[str, Any]:
             try:
                 server = CpuWindow(target.server_pids()).start()
                 aux = CpuWindow(target.aux_pids()).start()
+                gen = CpuWindow(subs.pids()).start()
                 opened = subs.open(timeout=max(120, n / 50))
                 server.stop()
                 aux.stop()
+                gen.stop()
                 time.sleep(2.0)
                 rss1 = rss_bytes(target.server_pids())
                 aux1 = rss_bytes(target.aux_pids())
@@ -257,6 +259,9 @@ def _held_once(ctx: Context, key: str, n: int, suffix: str) -> dict[str, Any]:
         "connects_per_s": opened["connects_per_s"],
         "connect_server_cpu_us": round(server.cpu * 1e6 / ok, 1) if ok else None,
         "connect_aux_cpu_us": round(aux.cpu * 1e6 / ok, 1) if ok else None,
+        "connect_generator_cores": round(gen.cpu / gen.wall, 3) if gen.wall else None,
+        # Per connect: how often the server's processes waited, and were preempted.
+        "connect_server_switches": ([round(s / ok, 2) for s in server.switches] if ok else None),
         "rss_idle_mib": round(rss0 / 2**20, 1),
         "rss_mib": round(rss1 / 2**20, 1),
         "kib_per_connection": round((rss1 - rss0) / 1024 / ok, 2) if ok else None,
@@ -270,6 +275,7 @@ def _held_once(ctx: Context, key: str, n: int, suffix: str) -> dict[str, Any]:
     log(
         f"  {key}: opened {ok}/{n} in {row['open_s']} s ({row['connects_per_s']}/s), "
         f"{row['connect_server_cpu_us']} µs CPU/connect (+aux {row['connect_aux_cpu_us']}), "
+        f"switches/connect {row['connect_server_switches']}, "
         f"{row['kib_per_connection']} KiB/conn, idle {row['idle_server_cores']} cores"
     )
     return row
@@ -463,11 +469,14 @@ def _http_once(ctx: Context, key: str, suffix: str) -> dict[str, Any]:
             try:
                 server = CpuWindow(target.server_pids()).start()
                 aux = CpuWindow(target.aux_pids()).start()
+                parts = {k: CpuWindow([p]).start() for k, p in target.aux_parts().items()}
                 gens = CpuWindow([gen.pid]).start()
                 gen.send({"cmd": "go"})
                 result = gen.expect("published", cfg["duration_s"] + 60)
                 server.stop()
                 aux.stop()
+                for part in parts.values():
+                    part.stop()
                 gens.stop()
             finally:
                 gen.stop(timeout=5)
@@ -493,12 +502,14 @@ def _http_once(ctx: Context, key: str, suffix: str) -> dict[str, Any]:
         "generator_cores": round(gens.cpu / gens.wall, 3),
         "aux_us_per_event": round(aux.cpu * 1e6 / ok, 1) if ok else None,
     }
+    if parts and ok:  # which of Redis, PostgreSQL and the archiver the aux CPU went to
+        row["aux_us_per_event_parts"] = {k: round(w.cpu * 1e6 / ok, 1) for k, w in parts.items()}
     if "credential" in cfg:
         row["credential"] = cfg["credential"]
     log(
         f"  {key}: {row['events_per_s']} events/s, p50 {row['latency']['p50_ms']} ms, "
         f"p99 {row['latency']['p99_ms']} ms, server {row['server_us_per_event']} µs/event, "
-        f"aux {row['aux_us_per_event']} µs/event"
+        f"aux {row['aux_us_per_event']} µs/event {row.get('aux_us_per_event_parts', '')}"
     )
     return row
 

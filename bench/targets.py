@@ -71,7 +71,11 @@ class Target:
 
     def aux_pids(self) -> list[int]:
         """Servers the target needs besides its own processes (APIX: Redis, PostgreSQL)."""
-        return []
+        return list(self.aux_parts().values())
+
+    def aux_parts(self) -> dict[str, int]:
+        """The same servers by name, for reporting each one's share."""
+        return {}
 
     def main_pid(self) -> int:
         return self.procs[0].pid
@@ -255,18 +259,18 @@ class Apix(Target):
                 raise HarnessError(f"API key failed: {created.status_code} {created.text}")
             return str(created.json()["key"])
 
-    def aux_pids(self) -> list[int]:
+    def aux_parts(self) -> dict[str, int]:
         """Redis, PostgreSQL and the `apix worker` archiving the events."""
-        pids: list[int] = []
+        parts: dict[str, int] = {}
         if self.worker is not None and self.worker.alive():
-            pids.append(self.worker.pid)
+            parts["worker"] = self.worker.pid
         if self.embedded is None:
-            return pids
+            return parts
         with contextlib.suppress(Exception):
-            pids.append(int(self.embedded.redis._process.pid))
+            parts["redis"] = int(self.embedded.redis._process.pid)
         with contextlib.suppress(Exception):
-            pids.append(int(self.embedded.postgres._server.get_pid()))
-        return pids
+            parts["postgres"] = int(self.embedded.postgres._server.get_pid())
+        return parts
 
     def worker_pids(self) -> list[int]:
         """The processes that run the gateway (uvicorn workers, or the node itself)."""

@@ -386,7 +386,7 @@ def _targets(results: dict[str, Any]) -> str:
 
 def _switches(per_connect: list[float] | None) -> str:
     if not per_connect:
-        return ""  # not measured before the thirteenth session
+        return "\u2013"  # not measured before the thirteenth session
     return f"{per_connect[0]:.2f} / {per_connect[1]:.2f}"
 
 

@@ -197,7 +197,14 @@ def _median_round(measured: list[dict[str, Any]]) -> dict[str, Any]:
         return measured[-1]
     row = dict(ok[(len(ok) - 1) // 2])
     if len(measured) > 1:
-        figures = ("connects_per_s", "connect_server_cpu_us", "kib_per_connection", "failed")
+        figures = (
+            "connects_per_s",
+            "connect_server_cpu_us",
+            "kib_per_connection",
+            "failed",
+            "connect_server_switches",
+            "connect_generator_cores",
+        )
         # Every round's failures, not only the median's: they are what needs explaining.
         kept = (*figures, "open_errors", "error")
         row["rounds"] = [{k: r.get(k) for k in kept} for r in measured]

@@ -83,6 +83,13 @@ def _points(series_list: list[dict[str, Any]], subscribers: int) -> dict[str, li
     return out
 
 
+def _peak(series: dict[str, Any]) -> float | None:
+    """A series' most deliveries/s: with rounds, the median of the rounds' peaks."""
+    if series.get("peak") is not None:
+        return float(series["peak"])
+    return max((float(p["deliveries_per_s"]) for p in series.get("points", [])), default=None)
+
+
 def _at_rate(points: list[dict[str, Any]], rate: float) -> dict[str, Any] | None:
     return next((p for p in points if p["rate"] == rate), None)
 
@@ -276,12 +283,7 @@ def _targets(results: dict[str, Any]) -> str:
         )
 
     def peak(key: str) -> float | None:
-        vals = [
-            p["deliveries_per_s"]
-            for s in fanout
-            if s.get("target") == key and "points" in s
-            for p in s["points"]
-        ]
+        vals = [v for s in fanout if s.get("target") == key and (v := _peak(s)) is not None]
         return max(vals) if vals else None
 
     apix_peak, ws_peak, sio_peak = peak("apix"), peak("websockets"), peak("socketio")
@@ -550,7 +552,9 @@ def _fanout(results: dict[str, Any], charts: dict[str, str]) -> list[str]:
         rates = sorted({p["rate"] for pts in per.values() for p in pts})
         out += ["", f"### {n:,} subscribers", ""]
         out.append(_table(POINT_HEADER, _point_rows(per, rates)))
-        peaks = {k: max((p["deliveries_per_s"] for p in pts), default=0) for k, pts in per.items()}
+        of_size = [s for s in fanout if s.get("subscribers") == n and "points" in s]
+        peaks = {s["target"]: _peak(s) or 0.0 for s in of_size}
+        out += _fanout_rounds_note(of_size)
         apix_peak = peaks.get("apix")
         out += [
             "",
@@ -566,6 +570,27 @@ def _fanout(results: dict[str, Any], charts: dict[str, str]) -> list[str]:
         if name in charts:
             out += ["", f"![{alt}]({charts[name]})"]
     return [*out, ""]
+
+
+def _fanout_rounds_note(series_list: list[dict[str, Any]]) -> list[str]:
+    """Under a fan-out table whose targets took turns: how its points were chosen."""
+    rounds = max((len(s.get("round_peaks", [])) for s in series_list), default=0)
+    if rounds < 2:
+        return []
+    peaks = "; ".join(
+        f"{_label(s['target'])} "
+        + " / ".join(_fmt(p, 0) if p is not None else "failed" for p in s["round_peaks"])
+        for s in series_list
+        if s.get("round_peaks")
+    )
+    return [
+        "",
+        f"The targets took turns, {rounds} rounds of the whole sweep each: every point is the "
+        "round whose CPU per delivery was the median at that rate, and *most deliveries/s* "
+        "below is the median of the rounds' peaks (each round's: "
+        + peaks
+        + "). Every round's figures are in the results file.",
+    ]
 
 
 def _many(results: dict[str, Any]) -> list[str]:

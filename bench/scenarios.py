@@ -347,24 +347,68 @@ def _fanout_series(
 
 def fanout(ctx: Context, targets: list[str]) -> None:
     for cfg in ctx.profile["fanout"]:
+        rounds = cfg.get("rounds", 1)
+        measured: dict[str, list[dict[str, Any]]] = {key: [] for key in targets}
+        for turn in range(rounds):
+            for key in targets:
+                suffix = f", round {turn + 1}/{rounds}" if rounds > 1 else ""
+                log(f"fan-out: {key}, {cfg['subscribers']} subscribers on one channel{suffix}")
+                try:
+                    series = _fanout_series(
+                        ctx,
+                        ctx.targets[key],
+                        subscribers=cfg["subscribers"],
+                        channels=1,
+                        prefix="room:bench",
+                        rates=cfg["rates"],
+                        duration_s=cfg["duration_s"],
+                        sweep=cfg["sweep"],
+                    )
+                except HarnessError as exc:
+                    log(f"  {key}: FAILED {exc}")
+                    series = {"target": key, "subscribers": cfg["subscribers"], "error": str(exc)}
+                measured[key].append(series)
+                ctx.results.setdefault("fanout_rounds", []).append(series)
+                ctx.save()  # a run cut short keeps the rounds done
+        ctx.results.pop("fanout_rounds", None)
         for key in targets:
-            log(f"fan-out: {key}, {cfg['subscribers']} subscribers on one channel")
-            try:
-                series = _fanout_series(
-                    ctx,
-                    ctx.targets[key],
-                    subscribers=cfg["subscribers"],
-                    channels=1,
-                    prefix="room:bench",
-                    rates=cfg["rates"],
-                    duration_s=cfg["duration_s"],
-                    sweep=cfg["sweep"],
-                )
-            except HarnessError as exc:
-                log(f"  {key}: FAILED {exc}")
-                series = {"target": key, "subscribers": cfg["subscribers"], "error": str(exc)}
-            ctx.results.setdefault("fanout", []).append(series)
-            ctx.save()
+            ctx.results.setdefault("fanout", []).append(_median_series(measured[key]))
+        ctx.save()
+
+
+def _median_series(measured: list[dict[str, Any]]) -> dict[str, Any]:
+    """One series from rounds of the same sweep: at each rate the round whose CPU per delivery
+    is the median, and as the saturation figure the median of the rounds' peaks (not the
+    best round's). Every round's figures stay in the series."""
+    ok = [s for s in measured if "points" in s]
+    if len(measured) == 1 or not ok:
+        return measured[-1]
+    merged = {k: v for k, v in ok[0].items() if k != "points"}
+    merged["points"] = []
+    for rate in sorted({p["rate"] for s in ok for p in s["points"]}):
+        at_rate = sorted(
+            (p for s in ok for p in s["points"] if p["rate"] == rate),
+            key=lambda p: p["server_us_per_delivery"] or math.inf,
+        )
+        point = dict(at_rate[(len(at_rate) - 1) // 2])
+        point["rounds"] = [
+            {
+                "deliveries_per_s": p["deliveries_per_s"],
+                "server_us_per_delivery": p["server_us_per_delivery"],
+                "p99_ms": p["latency"]["p99_ms"],
+                "saturated": p["saturated"],
+            }
+            for p in at_rate
+        ]
+        merged["points"].append(point)
+    peaks = sorted(max(p["deliveries_per_s"] for p in s["points"]) for s in ok if s["points"])
+    merged["round_peaks"] = [
+        max((p["deliveries_per_s"] for p in s["points"]), default=None) if "points" in s else None
+        for s in measured
+    ]
+    merged["peak"] = peaks[(len(peaks) - 1) // 2] if peaks else None
+    merged["round_errors"] = [s["error"] for s in measured if "error" in s]
+    return merged
 
 
 def many(ctx: Context, targets: list[str]) -> None:

@@ -8,6 +8,7 @@ tell when the generator, not the server, was the limit.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import shutil
 import subprocess
@@ -172,20 +173,41 @@ def held(ctx: Context, targets: list[str]) -> list[dict[str, Any]]:
     the run weighs on both alike; each target's row is its median round by CPU per
     connect, and every round's figures are kept beside it."""
     cfg = ctx.profile["held"]
-    rounds = cfg.get("rounds", 1)
     rows: list[dict[str, Any]] = []
     for n in cfg["connections"]:
-        measured: dict[str, list[dict[str, Any]]] = {key: [] for key in targets}
-        for turn in range(rounds):
-            for key in targets:
-                suffix = f", round {turn + 1}/{rounds}" if rounds > 1 else ""
-                measured[key].append(_held_once(ctx, key, n, suffix))
+        measured = _in_turns(
+            ctx, targets, cfg.get("rounds", 1), functools.partial(_held_once, ctx, n)
+        )
         for key in targets:
             row = _median_round(measured[key])
             rows.append(row)
             ctx.results.setdefault("held", []).append(row)
         ctx.save()
     return rows
+
+
+def _in_turns(
+    ctx: Context,
+    keys: list[str],
+    rounds: int,
+    once: Callable[[str, str], dict[str, Any]],
+    *,
+    partial: str | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """``once(key, suffix)`` for every key, ``rounds`` times, the keys taking turns (APIX,
+    baseline, APIX, baseline...) so that a machine whose speed drifts during the run weighs
+    on all alike. With ``partial``, each result is saved under that key of the results as it
+    comes (a run cut short keeps the rounds done), and the key is dropped at the end."""
+    measured: dict[str, list[dict[str, Any]]] = {key: [] for key in keys}
+    for turn in range(rounds):
+        for key in keys:
+            measured[key].append(once(key, f", round {turn + 1}/{rounds}" if rounds > 1 else ""))
+            if partial is not None:
+                ctx.results.setdefault(partial, []).append(measured[key][-1])
+                ctx.save()
+    if partial is not None:
+        ctx.results.pop(partial, None)
+    return measured
 
 
 def _median_round(measured: list[dict[str, Any]]) -> dict[str, Any]:
@@ -211,7 +233,7 @@ def _median_round(measured: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
-def _held_once(ctx: Context, key: str, n: int, suffix: str) -> dict[str, Any]:
+def _held_once(ctx: Context, n: int, key: str, suffix: str) -> dict[str, Any]:
     cfg = ctx.profile["held"]
     target = ctx.targets[key]
     procs = cfg.get("processes") or server_processes(n)
@@ -347,30 +369,25 @@ def _fanout_series(
 
 def fanout(ctx: Context, targets: list[str]) -> None:
     for cfg in ctx.profile["fanout"]:
-        rounds = cfg.get("rounds", 1)
-        measured: dict[str, list[dict[str, Any]]] = {key: [] for key in targets}
-        for turn in range(rounds):
-            for key in targets:
-                suffix = f", round {turn + 1}/{rounds}" if rounds > 1 else ""
-                log(f"fan-out: {key}, {cfg['subscribers']} subscribers on one channel{suffix}")
-                try:
-                    series = _fanout_series(
-                        ctx,
-                        ctx.targets[key],
-                        subscribers=cfg["subscribers"],
-                        channels=1,
-                        prefix="room:bench",
-                        rates=cfg["rates"],
-                        duration_s=cfg["duration_s"],
-                        sweep=cfg["sweep"],
-                    )
-                except HarnessError as exc:
-                    log(f"  {key}: FAILED {exc}")
-                    series = {"target": key, "subscribers": cfg["subscribers"], "error": str(exc)}
-                measured[key].append(series)
-                ctx.results.setdefault("fanout_rounds", []).append(series)
-                ctx.save()  # a run cut short keeps the rounds done
-        ctx.results.pop("fanout_rounds", None)
+
+        def sweep(key: str, suffix: str, cfg: dict[str, Any] = cfg) -> dict[str, Any]:
+            log(f"fan-out: {key}, {cfg['subscribers']} subscribers on one channel{suffix}")
+            try:
+                return _fanout_series(
+                    ctx,
+                    ctx.targets[key],
+                    subscribers=cfg["subscribers"],
+                    channels=1,
+                    prefix="room:bench",
+                    rates=cfg["rates"],
+                    duration_s=cfg["duration_s"],
+                    sweep=cfg["sweep"],
+                )
+            except HarnessError as exc:
+                log(f"  {key}: FAILED {exc}")
+                return {"target": key, "subscribers": cfg["subscribers"], "error": str(exc)}
+
+        measured = _in_turns(ctx, targets, cfg.get("rounds", 1), sweep, partial="fanout_rounds")
         for key in targets:
             ctx.results.setdefault("fanout", []).append(_median_series(measured[key]))
         ctx.save()
@@ -466,14 +483,9 @@ def http_publish(ctx: Context, targets: list[str]) -> None:
     cfg = ctx.profile["http"]
     rounds = max(1, cfg.get("rounds", 1))
     keys = [key for key in targets if ctx.targets[key].http_publish]
-    measured: dict[str, list[dict[str, Any]]] = {key: [] for key in keys}
-    for turn in range(rounds):
-        for key in keys:
-            suffix = f", round {turn + 1}/{rounds}" if rounds > 1 else ""
-            measured[key].append(_http_once(ctx, key, suffix))
-            ctx.results.setdefault("http_rounds", []).append(measured[key][-1])
-            ctx.save()  # a run cut short keeps the rounds done
-    ctx.results.pop("http_rounds", None)
+    measured = _in_turns(
+        ctx, keys, rounds, lambda key, suffix: _http_once(ctx, key, suffix), partial="http_rounds"
+    )
     for key in keys:
         ok = sorted(
             (r for r in measured[key] if "events_per_s" in r), key=lambda r: r["events_per_s"]

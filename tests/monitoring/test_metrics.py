@@ -30,6 +30,8 @@ EXPECTED = {
     "apix_events_received",
     "apix_frames_sent",
     "apix_fanout_seconds",
+    "apix_fanout_batches",
+    "apix_fanout_writes_saved",
     "apix_qos_coalesced",
     "apix_delivery_latency_seconds",
     "apix_heartbeat_rtt_seconds",

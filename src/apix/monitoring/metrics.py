@@ -161,6 +161,16 @@ class _Snapshot(Collector):
             value=stats.fanout_seconds,
         )  # fmt: skip
         yield CounterMetricFamily(
+            "apix_fanout_batches",
+            "Reads from Redis that brought several events, fanned out together.",
+            value=stats.batches,
+        )
+        yield CounterMetricFamily(
+            "apix_fanout_writes_saved",
+            "Event frames that left in one socket write with others of their batch.",
+            value=stats.writes_saved,
+        )
+        yield CounterMetricFamily(
             "apix_monitoring_samples_dropped",
             "Latency samples dropped because the probe's buffer was full.",
             value=runtime.probe.dropped,

@@ -44,6 +44,9 @@ class Socket(Protocol):
         """Write a built frame at once if nothing holds it back; -1 if not written,
         else the bytes still buffered when the write made the socket pause (or 0)."""
 
+    def writable(self) -> bool:
+        """Whether `write_frame` would write now (open, and not applying backpressure)."""
+
     async def send_text(self, text: str) -> None:
         """Send a message, waiting for the client to read (OSError once closed)."""
 
@@ -64,6 +67,32 @@ PRESSURE_RATIO = 0.25
 COALESCE_TYPES = ("cursor.*", "*.cursor", "typing.*", "*.typing", "*.state")
 _COALESCE = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in COALESCE_TYPES))
 _CHANNEL_AT = len('{"op":"event","channel":"')
+
+
+class _Hold:
+    __slots__ = ("queues",)
+
+    def __init__(self) -> None:
+        self.queues: list[SendQueue] | None = None  # holding, and the queues that hold frames
+
+
+_hold = _Hold()
+
+
+def hold_writes() -> None:
+    """Until `release_writes`, frames that would go straight to a socket wait in their
+    queue, so that a client that gets several of them gets them in one write.
+
+    The hub holds writes while it fans out events that arrived together: under load, a
+    system call per socket for each event was most of a delivery's cost. Only synchronous
+    code may run in between (nothing else may write to these sockets meanwhile)."""
+    _hold.queues = []
+
+
+def release_writes() -> int:
+    """Write what each queue held, one write a socket; returns the writes this saved."""
+    queues, _hold.queues = _hold.queues, None
+    return sum(queue._release() for queue in queues or ())
 
 
 class _Live:
@@ -109,6 +138,7 @@ class SendQueue:
     __slots__ = (
         "_drained",
         "_frames",
+        "_held",
         "_in_flight",
         "_keyed",
         "_limit",
@@ -131,6 +161,7 @@ class SendQueue:
         self._frames: deque[str | _Live] | None = None
         self._keyed: dict[tuple[str, ...], _Live] = {}
         self._in_flight: str | None = None
+        self._held: list[bytes] | None = None  # frames held for one write (`hold_writes`)
         self._limit = limit_bytes
         self._pressure = int(limit_bytes * PRESSURE_RATIO)
         self.coalesced = 0
@@ -174,20 +205,26 @@ class SendQueue:
         if self.closed:
             return
         direct = self.direct
-        if (
-            wire is not None
-            and direct is not None
-            and self._writer is None
-            and not self._frames
-            and (buffered := direct.write_frame(wire)) >= 0
-        ):
-            probe = self.probe
-            if probe is not None:
-                probe.written(frame, self.label)  # type: ignore[arg-type]
-            if buffered > self._limit:
-                self.closed = True
-                self._on_overflow([])
-            return
+        if wire is not None and direct is not None and self._writer is None and not self._frames:
+            holding = _hold.queues
+            if holding is not None and direct.writable():
+                held = self._held
+                if held is None:
+                    self._held = [wire]
+                    holding.append(self)
+                else:
+                    held.append(wire)
+                buffered = 0
+            else:
+                buffered = direct.write_frame(wire)
+            if buffered >= 0:
+                probe = self.probe
+                if probe is not None:
+                    probe.written(frame, self.label)  # type: ignore[arg-type]
+                if buffered > self._limit:
+                    self.closed = True
+                    self._on_overflow([])
+                return
         entry = _Live(frame)
         if self.size >= self._pressure:
             self._coalesce(entry, frame)
@@ -206,6 +243,20 @@ class SendQueue:
             return
         if self._writer is None:
             self._wake()
+
+    def _release(self) -> int:
+        """Write the frames held since `hold_writes`, joined; returns the writes that saved."""
+        held, self._held = self._held, None
+        direct = self.direct
+        if not held or direct is None or self.closed:
+            return 0
+        # The socket was writable when they were held, and only its own writes (held until
+        # now) can make it pause: -1 here means it closed meanwhile, taking them with it.
+        buffered = direct.write_frame(held[0] if len(held) == 1 else b"".join(held))
+        if buffered > self._limit:
+            self.closed = True
+            self._on_overflow([])
+        return len(held) - 1 if buffered >= 0 else 0
 
     def _coalesce(self, entry: _Live, frame: str) -> None:
         key, namespace = coalescing_key(frame)
@@ -233,6 +284,8 @@ class SendQueue:
             and not frame.endswith(',"attempt":1}')
         ):
             probe.redelivered(frame, self.label)  # type: ignore[arg-type]
+        if self._held:  # held event frames go first (a hub handler may answer mid-batch)
+            self._release()
         direct = self.direct
         if (
             direct is not None

@@ -440,6 +440,8 @@ class Gateway:
             "events_in": hub.events_in,
             "frames_out": hub.frames_out,
             "fanout_ms_total": round(hub.fanout_seconds * 1000, 3),
+            "fanout_batches": hub.batches,
+            "writes_saved": hub.writes_saved,
             "send_buffer_bytes_max": max((c.queue.size for c in connections), default=0),
         }
 

@@ -207,6 +207,9 @@ class ApixWebSocketProtocol(asyncio.Protocol):
         if limit < high:
             self.transport.set_write_buffer_limits(high=limit)
 
+    def writable(self) -> bool:
+        return not (self._closed or self._paused)
+
     def write_frame(self, frame: bytes) -> int:
         """Write a pre-built frame now, if the socket is open and not applying backpressure.
 
@@ -412,6 +415,9 @@ class AsgiSocket:
 
     def cap_write_buffer(self, limit: int) -> None:
         pass
+
+    def writable(self) -> bool:
+        return False
 
     def write_frame(self, frame: bytes) -> int:
         return -1

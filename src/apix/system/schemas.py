@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class ApiLinks(BaseModel):
@@ -44,6 +44,12 @@ class GatewayStatus(BaseModel):
     events_in: int
     frames_out: int
     fanout_ms_total: float
+    fanout_batches: int = Field(
+        description="Reads from Redis that brought several events, fanned out together."
+    )
+    writes_saved: int = Field(
+        description="Event frames that left in one socket write with others of their batch."
+    )
     send_buffer_bytes_max: int
 
 

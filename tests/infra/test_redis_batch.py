@@ -289,3 +289,55 @@ async def test_after_an_idle_spell_the_connection_is_checked_before_use(
         assert pings == before + 1
     finally:
         await client.aclose()
+
+
+async def test_work_gathered_while_a_batch_waits_goes_in_the_next_one(redis: Redis) -> None:
+    """`before_next_batch`: the callback runs once, just before the next batch is written,
+    so what callers gather over several loop turns while a batch is in flight goes out in
+    one; on an idle pipeline it runs at the end of the turn."""
+    batch = CountingPipelines(redis)
+    key = f"t:gathered:{uuid.uuid4().hex}"
+    gathered: list[int] = []
+    sent: list[asyncio.Future[Any]] = []
+
+    def fill() -> None:
+        sent.append(batch.call("RPUSH", key, *gathered))
+        gathered.clear()
+
+    blocked = batch.call("BLPOP", f"{key}:never", 0.3)  # in flight for 0.3 s
+    await asyncio.sleep(0.05)
+    for n in range(3):  # three loop turns; the first asks for the callback
+        if not gathered:
+            batch.before_next_batch(fill)
+        gathered.append(n)
+        await asyncio.sleep(0.01)
+    assert sent == []  # not yet: the batch ahead still waits for its reply
+    assert await blocked is None
+    await asyncio.sleep(0.05)
+    assert [await f for f in sent] == [3]  # one command took all three
+    assert await redis.lrange(key, 0, -1) == [b"0", b"1", b"2"]
+    assert batch.round_trips == 2
+
+    batch.before_next_batch(lambda: sent.append(batch.call("PING")))  # idle: this turn
+    await asyncio.sleep(0.02)
+    assert await sent[-1] == b"PONG"
+    assert batch.round_trips == 3
+
+
+async def test_gathered_work_fails_when_no_connection_can_be_had(servers: Servers) -> None:
+    """A callback's commands fail with the others when Redis cannot be reached: nobody
+    waits for a batch that will never be written."""
+    client = create_redis("redis://127.0.0.1:1/0", RedisSettings(socket_timeout_s=0.3))
+    try:
+        batch = AutoPipeline(client)
+        sent: list[asyncio.Future[Any]] = []
+        batch.before_next_batch(lambda: sent.append(batch.call("PING")))
+        for _ in range(200):
+            if sent and sent[0].done():
+                break
+            await asyncio.sleep(0.02)
+        assert len(sent) == 1
+        with pytest.raises(RedisConnectionError):
+            await sent[0]
+    finally:
+        await client.aclose()

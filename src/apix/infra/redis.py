@@ -130,6 +130,7 @@ class AutoPipeline:
         # Scripts this pipeline has sent `SCRIPT LOAD` for (forgotten when Redis says it
         # lost them): loading ahead, in the same batch, keeps the runs in order.
         self._loaded: set[str] = set()
+        self._fills: list[Callable[[], None]] = []  # `before_next_batch`'s callbacks
 
     def call(self, *args: Any) -> asyncio.Future[Any]:
         """Queue one command (name and arguments, as for `execute_command`)."""
@@ -138,18 +139,29 @@ class AutoPipeline:
         self._schedule()
         return future
 
+    def before_next_batch(self, fill: Callable[[], None]) -> None:
+        """Call ``fill`` once, just before the next batch is written: what it queues (with
+        `evalsha` or `call`) goes in that batch. For callers that gather work until then,
+        such as the broker's publishes (while a batch is in flight, the work of several
+        loop turns gathers; on an idle node, that of one)."""
+        self._fills.append(fill)
+        self._schedule()
+
     def send(self, *args: Any) -> None:
         """Queue one command whose outcome nobody waits for (a failure is only logged)."""
         self.call(*args).add_done_callback(_log_failure)
 
     def send_script(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> None:
         """Queue a script run whose outcome nobody waits for (a failure is only logged)."""
-        future = self._evalsha(script, keys, args)
+        future = self.evalsha(script, keys, args)
         future.add_done_callback(functools.partial(self._script_sent, script, keys, args))
 
-    def _evalsha(
+    def evalsha(
         self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]
     ) -> asyncio.Future[Any]:
+        """Queue a script run now, by SHA (loaded ahead in the same batch the first time);
+        its reply as a future. A ``NoScriptError`` (Redis restarted and forgot it) is the
+        caller's to retry, as `script` does."""
         if script.sha not in self._loaded:
             # Loaded in the same batch, just before: a run that missed it would be retried
             # after commands queued behind it, out of order.
@@ -176,7 +188,7 @@ class AutoPipeline:
     async def script(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """Run a registered Lua script in the next batch (by SHA; loaded on first miss)."""
         try:
-            return await self._evalsha(script, keys, args)
+            return await self.evalsha(script, keys, args)
         except NoScriptError:  # a restarted Redis forgot it: load it and run it on its own
             self._loaded.discard(script.sha)
             return await script(keys=keys, args=args)
@@ -201,13 +213,20 @@ class AutoPipeline:
             self._start(self._give_back(line.retire()))
             line = None
         if line is None:
-            if self._opening is None and self._pending:
+            if self._opening is None and (self._pending or self._fills):
                 self._opening = self._start(self._open())
             return
+        if len(line.batches) < self.max_in_flight:
+            self._fill()
         while self._pending and len(line.batches) < self.max_in_flight:
             batch = self._pending[: self.max_batch]
             self._pending = self._pending[self.max_batch :]
             self._write(line, batch)
+
+    def _fill(self) -> None:
+        fills, self._fills = self._fills, []
+        for fill in fills:
+            fill()
 
     def _write(self, line: _Line, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         line.write([args for args, _ in batch], [future for _, future in batch])
@@ -222,6 +241,7 @@ class AutoPipeline:
                 await self._give_back(conn)
                 raise
         except BaseException as exc:  # no connection: the commands waiting for one fail
+            self._fill()
             failed, self._pending = self._pending, []
             for _, future in failed:
                 if future.done():
@@ -240,7 +260,7 @@ class AutoPipeline:
 
     def _answered(self) -> None:
         """The line finished a batch: a place is free."""
-        if self._pending and not self._scheduled:
+        if (self._pending or self._fills) and not self._scheduled:
             self._send()
 
     def _lost(self, line: _Line) -> None:
@@ -248,7 +268,7 @@ class AutoPipeline:
         if self._line is line:
             self._line = None
         self._start(self._give_back(line.conn, close=True))
-        if self._pending:
+        if self._pending or self._fills:
             self._schedule()
 
     async def _give_back(self, conn: AbstractConnection, *, close: bool = False) -> None:

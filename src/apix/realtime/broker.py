@@ -9,6 +9,7 @@ trimmed offset, so a reader can tell whether a position is still fully covered.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import secrets
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from apix.core.json import dumps
 from apix.infra.redis import AutoPipeline
@@ -180,8 +182,8 @@ return id .. ' ' .. epoch
 
 # KEYS: meta, stream, archive queue (or ""), published-events counter (or "").
 # ARGV: epoch candidate, max_len, min_id, pubsub channel, ttl_ms, tenant, channel name, then
-# (payload, event type) for each event, appended and announced in order. Returns how many
-# (nobody waits for the offsets: see `publish_many_nowait`).
+# (payload, event type) for each event, appended and announced in order. Returns the epoch
+# and the events' offsets, in one string: "epoch offset offset ...".
 _PUBLISH_MANY = (
     _IDS
     + """
@@ -205,7 +207,7 @@ local incoming, last, n = #ids, ids[#ids], #ids
     + _TRIM
     + _CLOSE_STREAM
     + _COUNT
-    + """return #ids
+    + """return epoch .. ' ' .. table.concat(ids, ' ')
 """
 )
 
@@ -400,6 +402,21 @@ def event_position(frame: str) -> tuple[str, tuple[int, int]] | None:
     return frame[len(_FRAME_HEAD) : end], offset_key(frame[start : frame.index('"', start)])
 
 
+# Publishes one script run takes at most: a run holds Redis for its whole length.
+_GATHER_MAX = 256
+
+
+class _Gathered:
+    """Publishes to one channel that go in one `_PUBLISH_MANY` run (`Broker._gather`)."""
+
+    __slots__ = ("args", "keys", "waiting")
+
+    def __init__(self, keys: list[str], args: list[Any]) -> None:
+        self.keys = keys
+        self.args = args
+        self.waiting: list[tuple[str, int, asyncio.Future[Published]]] = []  # id, ts, caller
+
+
 class Broker:
     def __init__(
         self,
@@ -421,6 +438,10 @@ class Broker:
         self._read = redis.register_script(_READ)
         self._archived = redis.register_script(_ARCHIVED)
         self._take_counts = redis.register_script(_TAKE_COUNTS)
+        # Publishes waiting for the next batch, by channel (`_gather`).
+        self._gathering: dict[str, _Gathered] = {}
+        self._gathered_full: list[_Gathered] = []  # of `_GATHER_MAX`, in the order filled
+        self._retries: set[asyncio.Future[Any]] = set()
 
     async def publish(
         self,
@@ -441,21 +462,86 @@ class Broker:
         (`UnstorableData`) instead of mended there.
         """
         ts = int(time.time() * 1000)
-        keys, args = self._publish_input(channel, event_type, data, ts, meta, idempotency_key)
+        event_id = new_event_id()
+        payload = self._payload(event_id, event_type, ts, data, meta)
         # JSON's escape of U+0000 is in the payload only if some string may hold it.
-        if strict and b"\\u0000" in args[3] and _has_nul(data):
+        if strict and b"\\u0000" in payload and _has_nul(data):
             raise UnstorableData("U+0000 cannot be stored in a string (the archive's jsonb)")
+        if idempotency_key is None:
+            return await self._gather(channel, event_type, event_id, ts, payload)
+        keys, args = self._publish_input(
+            channel, event_type, event_id, ts, payload, idempotency_key
+        )
         reply: bytes = await self.batch.script(self._publish, keys, args)
         offset, epoch, *first = reply.decode().split(" ")
         if first:  # the first publish's event id: this one is a duplicate
             return Published(offset, epoch, first[0], ts, True)
-        return Published(offset, epoch, args[7], ts, False)
+        return Published(offset, epoch, event_id, ts, False)
+
+    def _gather(
+        self, channel: ChannelRef, event_type: str, event_id: str, ts: int, payload: bytes
+    ) -> asyncio.Future[Published]:
+        """The publish joins the others to its channel that wait for the node's next Redis
+        batch: one `_PUBLISH_MANY` run appends and announces them in the order they came.
+
+        Under load, most of a publish's cost in Redis was the script run around the append
+        (reading and writing the channel's metadata, counting, trimming), once per event;
+        this pays it once per batch. An idle node sends each publish in the next batch, as
+        before, so nothing waits longer than it did."""
+        group = self._gathering.get(channel.stream_key)
+        if group is None or len(group.waiting) >= _GATHER_MAX:
+            if not self._gathering:
+                self.batch.before_next_batch(self._send_gathered)
+            if group is not None:  # full: it goes first, this one after it
+                self._gathered_full.append(group)
+            archive, counter = self._queues(channel)
+            group = self._gathering[channel.stream_key] = _Gathered(
+                [channel.meta_key, channel.stream_key, archive, counter],
+                [*self._stream_args(channel, ts), channel.tenant, channel.name],
+            )
+        group.args += (payload, event_type)
+        future: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
+        group.waiting.append((event_id, ts, future))
+        return future
+
+    def _send_gathered(self) -> None:
+        full, self._gathered_full = self._gathered_full, []
+        gathering, self._gathering = self._gathering, {}
+        for group in (*full, *gathering.values()):
+            run = self.batch.evalsha(self._publish_many, group.keys, group.args)
+            run.add_done_callback(functools.partial(self._settle, group))
+
+    def _settle(self, group: _Gathered, run: asyncio.Future[Any]) -> None:
+        """Each waiting publish gets its offset, or the run's failure."""
+        failure = None if run.cancelled() else run.exception()
+        if isinstance(failure, NoScriptError):  # a restarted Redis forgot it: once more
+            retry = asyncio.ensure_future(
+                self.batch.script(self._publish_many, group.keys, group.args)
+            )
+            self._retries.add(retry)
+            retry.add_done_callback(self._retries.discard)
+            retry.add_done_callback(functools.partial(self._settle, group))
+            return
+        offsets: list[str] = []
+        if failure is None and not run.cancelled():
+            epoch, *offsets = run.result().decode().split(" ")
+        for index, (event_id, ts, future) in enumerate(group.waiting):
+            if future.done():  # the caller went away
+                continue
+            if run.cancelled():
+                future.cancel()
+            elif failure is not None:
+                future.set_exception(failure)
+            else:
+                future.set_result(Published(offsets[index], epoch, event_id, ts, False))
 
     def publish_nowait(self, channel: ChannelRef, event_type: str, data: Any) -> None:
         """Publish without waiting for the outcome (book-keeping events, such as `monitor`'s:
         a failure is logged, not raised)."""
         ts = int(time.time() * 1000)
-        keys, args = self._publish_input(channel, event_type, data, ts, None, None)
+        event_id = new_event_id()
+        payload = self._payload(event_id, event_type, ts, data, None)
+        keys, args = self._publish_input(channel, event_type, event_id, ts, payload, None)
         self.batch.send_script(self._publish, keys, args)
 
     def publish_many_nowait(self, channel: ChannelRef, events: Sequence[tuple[str, Any]]) -> None:
@@ -478,12 +564,11 @@ class Broker:
         self,
         channel: ChannelRef,
         event_type: str,
-        data: Any,
+        event_id: str,
         ts: int,
-        meta: dict[str, Any] | None,
+        payload: bytes,
         idempotency_key: str | None,
     ) -> tuple[list[str], list[Any]]:
-        event_id = new_event_id()
         idem = channel.idempotency_key(idempotency_key) if idempotency_key else ""
         archive, counter = self._queues(channel)
         keys = [channel.meta_key, channel.stream_key, idem, archive, counter]
@@ -492,7 +577,7 @@ class Broker:
             epoch,
             max_len,
             min_id,
-            self._payload(event_id, event_type, ts, data, meta),
+            payload,
             pubsub,
             ttl_ms,
             event_type,

@@ -304,7 +304,7 @@ async def test_work_gathered_while_a_batch_waits_goes_in_the_next_one(redis: Red
         sent.append(batch.call("RPUSH", key, *gathered))
         gathered.clear()
 
-    blocked = batch.call("BLPOP", f"{key}:never", 0.3)  # in flight for 0.3 s
+    blocked = batch.call("BLPOP", f"{key}:gate", 0)  # in flight until the gate opens
     await asyncio.sleep(0.05)
     for n in range(3):  # three loop turns; the first asks for the callback
         if not gathered:
@@ -312,8 +312,12 @@ async def test_work_gathered_while_a_batch_waits_goes_in_the_next_one(redis: Red
         gathered.append(n)
         await asyncio.sleep(0.01)
     assert sent == []  # not yet: the batch ahead still waits for its reply
-    assert await blocked is None
-    await asyncio.sleep(0.05)
+    await redis.lpush(f"{key}:gate", "open")
+    assert await blocked == [f"{key}:gate".encode(), b"open"]
+    for _ in range(100):
+        if sent:
+            break
+        await asyncio.sleep(0.01)
     assert [await f for f in sent] == [3]  # one command took all three
     assert await redis.lrange(key, 0, -1) == [b"0", b"1", b"2"]
     assert batch.round_trips == 2

@@ -5,10 +5,11 @@ published, and a failure reaches every caller the run carried."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,6 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from apix.core.json import loads
+from apix.infra.redis import AutoPipeline
 from apix.realtime.broker import Broker, offset_key
 from apix.realtime.channels import NAMESPACES, ChannelRef
 
@@ -26,41 +28,36 @@ def _channel(*, max_len: int = 1000) -> ChannelRef:
     return ChannelRef(f"room:{uuid.uuid4().hex[:8]}", namespace, None, str(uuid.uuid4()))
 
 
-@contextlib.asynccontextmanager
-async def _script_runs(redis: Redis, channel: ChannelRef) -> AsyncIterator[list[str]]:
-    """The scripts Redis runs on ``channel``'s stream meanwhile, as `MONITOR` reports them."""
-    runs: list[str] = []
-    key = channel.stream_key
+class CountingPipeline(AutoPipeline):
+    """Counts the script runs it queues, by SHA."""
 
-    async def watch() -> None:
-        async with redis.monitor() as monitor:
-            started.set_result(None)
-            async for command in monitor.listen():
-                if command["command"].startswith("EVALSHA") and key in command["command"]:
-                    runs.append(command["command"])
+    def __init__(self, redis: Redis) -> None:
+        super().__init__(redis)
+        self.runs: Counter[str] = Counter()
 
-    started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    watcher = asyncio.create_task(watch())
-    await asyncio.wait_for(started, 5)
-    try:
-        yield runs
-        await asyncio.sleep(0.2)  # MONITOR reports what ran a moment later
-    finally:
-        watcher.cancel()
-        await asyncio.gather(watcher, return_exceptions=True)
+    def evalsha(self, script: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        self.runs[script.sha] += 1
+        return super().evalsha(script, keys, args)
+
+
+def _counted(redis: Redis, *, archive: bool = False) -> tuple[Broker, Counter[str], str]:
+    """A broker, the script runs its pipeline queued, and the SHA of the gathered script."""
+    batch = CountingPipeline(redis)
+    broker = Broker(redis, source="test", archive=archive, batch=batch)
+    return broker, batch.runs, broker._publish_many.sha
 
 
 async def test_publishes_of_one_turn_are_one_script_run_with_their_own_offsets(
     redis: Redis,
 ) -> None:
-    broker = Broker(redis, source="test", archive=False)
+    broker, runs, sha = _counted(redis)
     channel = _channel()
     await broker.publish(channel, "warm", {})  # the script is loaded; the channel exists
-    async with _script_runs(redis, channel) as runs:
-        published = await asyncio.gather(
-            *(broker.publish(channel, f"t.{n}", {"n": n}) for n in range(30))
-        )
-    assert len(runs) == 1, runs
+    runs.clear()
+    published = await asyncio.gather(
+        *(broker.publish(channel, f"t.{n}", {"n": n}) for n in range(30))
+    )
+    assert runs == {sha: 1}
 
     offsets = [p.offset for p in published]
     assert offsets == sorted(offsets, key=offset_key)  # in the order published
@@ -80,14 +77,12 @@ async def test_publishes_of_one_turn_are_one_script_run_with_their_own_offsets(
 async def test_a_run_takes_at_most_256_publishes_and_the_rest_follow_in_order(
     redis: Redis,
 ) -> None:
-    broker = Broker(redis, source="test", archive=False)
+    broker, runs, sha = _counted(redis)
     channel = _channel()
     await broker.publish(channel, "warm", {})
-    async with _script_runs(redis, channel) as runs:
-        published = await asyncio.gather(
-            *(broker.publish(channel, "t", {"n": n}) for n in range(600))
-        )
-    assert len(runs) == 3, len(runs)  # 256, 256 and 88
+    runs.clear()
+    published = await asyncio.gather(*(broker.publish(channel, "t", {"n": n}) for n in range(600)))
+    assert runs == {sha: 3}  # 256, 256 and 88
     offsets = [p.offset for p in published]
     assert offsets == sorted(offsets, key=offset_key)
     snapshot = await broker.read(channel, after=published[0].offset, limit=1000)
@@ -169,3 +164,44 @@ async def test_gathered_publishes_keep_the_last_max_len_events(
     snapshot = await broker.read(channel, after="0-0")
     assert [loads(e.payload)["data"]["n"] for e in snapshot.events] == list(range(sent))[-max_len:]
     assert (snapshot.trimmed is not None) == (sent > max_len)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    max_len=st.integers(1, 8),
+    steps=st.lists(st.tuples(st.integers(1, 8), st.booleans()), min_size=1, max_size=5),
+)
+async def test_gathered_publishes_leave_a_channel_as_single_publishes_do(
+    redis: Redis, max_len: int, steps: list[tuple[int, bool]]
+) -> None:
+    """With the archive on, trimming waits for the archiver's mark: a turn's publishes run
+    as one script keep and trim exactly what the same publishes one at a time do (an
+    idempotency key makes each a script run of its own)."""
+    broker = Broker(redis, source="test", archive=True)
+    gathered, single = _channel(max_len=max_len), _channel(max_len=max_len)
+    sent = 0
+    for size, archived in steps:
+        together = await asyncio.gather(
+            *(broker.publish(gathered, "t", {"n": sent + i}) for i in range(size))
+        )
+        alone = [
+            await broker.publish(single, "t", {"n": sent + i}, idempotency_key=uuid.uuid4().hex)
+            for i in range(size)
+        ]
+        sent += size
+        if archived:  # the archiver caught up with the newest event
+            await broker.mark_archived(
+                [
+                    (gathered.meta_key, together[-1].epoch, together[-1].offset),
+                    (single.meta_key, alone[-1].epoch, alone[-1].offset),
+                ]
+            )
+    kept = []
+    for channel in (gathered, single):
+        snapshot = await broker.read(channel, after="0-0")
+        kept.append(
+            ([loads(e.payload)["data"]["n"] for e in snapshot.events], snapshot.trimmed is None)
+        )
+    assert kept[0] == kept[1]

@@ -141,9 +141,10 @@ class AutoPipeline:
 
     def before_next_batch(self, fill: Callable[[], None]) -> None:
         """Call ``fill`` once, just before the next batch is written: what it queues (with
-        `evalsha` or `call`) goes in that batch. For callers that gather work until then,
-        such as the broker's publishes (while a batch is in flight, the work of several
-        loop turns gathers; on an idle node, that of one)."""
+        `evalsha` or `call`) goes out behind what is queued already, in that batch when
+        there is room. For callers that gather work until then, such as the broker's
+        publishes (while a batch is in flight, the work of several loop turns gathers; on
+        an idle node, that of one)."""
         self._fills.append(fill)
         self._schedule()
 
@@ -161,13 +162,17 @@ class AutoPipeline:
     ) -> asyncio.Future[Any]:
         """Queue a script run now, by SHA (loaded ahead in the same batch the first time);
         its reply as a future. A ``NoScriptError`` (Redis restarted and forgot it) is the
-        caller's to retry, as `script` does."""
+        caller's to retry: `forget` the script, and the next run loads it again first."""
         if script.sha not in self._loaded:
             # Loaded in the same batch, just before: a run that missed it would be retried
             # after commands queued behind it, out of order.
             self._loaded.add(script.sha)
             self.send("SCRIPT", "LOAD", script.script)
         return self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    def forget(self, script: AsyncScript) -> None:
+        """Load ``script`` again before its next run (Redis said it does not have it)."""
+        self._loaded.discard(script.sha)
 
     def _script_sent(
         self,
@@ -242,6 +247,7 @@ class AutoPipeline:
                 raise
         except BaseException as exc:  # no connection: the commands waiting for one fail
             self._fill()
+            self._loaded.clear()  # their `SCRIPT LOAD`s too: a new Redis may lack them
             failed, self._pending = self._pending, []
             for _, future in failed:
                 if future.done():
@@ -267,6 +273,7 @@ class AutoPipeline:
         """The line failed: give its connection back closed; the next batch opens another."""
         if self._line is line:
             self._line = None
+        self._loaded.clear()  # Redis may have restarted without the scripts
         self._start(self._give_back(line.conn, close=True))
         if self._pending or self._fills:
             self._schedule()

@@ -162,12 +162,12 @@ class _Snapshot(Collector):
         )  # fmt: skip
         yield CounterMetricFamily(
             "apix_fanout_batches",
-            "Reads from Redis that brought several events, fanned out together.",
+            "Reads from Redis that brought several messages, handled together.",
             value=stats.batches,
         )
         yield CounterMetricFamily(
             "apix_fanout_writes_saved",
-            "Event frames that left in one socket write with others of their batch.",
+            "Socket writes saved: frames that went out joined, less one per write.",
             value=stats.writes_saved,
         )
         yield CounterMetricFamily(

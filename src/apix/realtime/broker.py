@@ -409,11 +409,12 @@ _GATHER_MAX = 256
 class _Gathered:
     """Publishes to one channel that go in one `_PUBLISH_MANY` run (`Broker._gather`)."""
 
-    __slots__ = ("args", "keys", "waiting")
+    __slots__ = ("args", "keys", "retried", "waiting")
 
     def __init__(self, keys: list[str], args: list[Any]) -> None:
         self.keys = keys
         self.args = args
+        self.retried = False  # once after a NOSCRIPT
         self.waiting: list[tuple[str, int, asyncio.Future[Published]]] = []  # id, ts, caller
 
 
@@ -441,7 +442,6 @@ class Broker:
         # Publishes waiting for the next batch, by channel (`_gather`).
         self._gathering: dict[str, _Gathered] = {}
         self._gathered_full: list[_Gathered] = []  # of `_GATHER_MAX`, in the order filled
-        self._retries: set[asyncio.Future[Any]] = set()
 
     async def publish(
         self,
@@ -514,13 +514,12 @@ class Broker:
     def _settle(self, group: _Gathered, run: asyncio.Future[Any]) -> None:
         """Each waiting publish gets its offset, or the run's failure."""
         failure = None if run.cancelled() else run.exception()
-        if isinstance(failure, NoScriptError):  # a restarted Redis forgot it: once more
-            retry = asyncio.ensure_future(
-                self.batch.script(self._publish_many, group.keys, group.args)
-            )
-            self._retries.add(retry)
-            retry.add_done_callback(self._retries.discard)
-            retry.add_done_callback(functools.partial(self._settle, group))
+        if isinstance(failure, NoScriptError) and not group.retried:
+            # A restarted Redis forgot it: once more, loaded first, in the pipeline's order.
+            group.retried = True
+            self.batch.forget(self._publish_many)
+            again = self.batch.evalsha(self._publish_many, group.keys, group.args)
+            again.add_done_callback(functools.partial(self._settle, group))
             return
         offsets: list[str] = []
         if failure is None and not run.cancelled():

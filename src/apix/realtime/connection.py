@@ -92,7 +92,19 @@ def hold_writes() -> None:
 def release_writes() -> int:
     """Write what each queue held, one write a socket; returns the writes this saved."""
     queues, _hold.queues = _hold.queues, None
-    return sum(queue._release() for queue in queues or ())
+    saved = 0
+    for queue in queues or ():
+        try:
+            saved += queue._release()
+        except Exception:  # one socket's failure is not everyone's
+            log.exception("fan-out: a held write failed")
+    return saved
+
+
+# A queue holds this many bytes at most: past it they go out at once (one write of 16 KiB
+# costs about what one of a few hundred bytes does), so a batch never writes more to a
+# socket at once than a frame or two would have.
+_HOLD_BYTES = 16 * 1024
 
 
 class _Live:
@@ -139,6 +151,7 @@ class SendQueue:
         "_drained",
         "_frames",
         "_held",
+        "_held_bytes",
         "_in_flight",
         "_keyed",
         "_limit",
@@ -162,6 +175,7 @@ class SendQueue:
         self._keyed: dict[tuple[str, ...], _Live] = {}
         self._in_flight: str | None = None
         self._held: list[bytes] | None = None  # frames held for one write (`hold_writes`)
+        self._held_bytes = 0
         self._limit = limit_bytes
         self._pressure = int(limit_bytes * PRESSURE_RATIO)
         self.coalesced = 0
@@ -210,11 +224,13 @@ class SendQueue:
             if holding is not None and direct.writable():
                 held = self._held
                 if held is None:
-                    self._held = [wire]
+                    self._held = held = [wire]
+                    self._held_bytes = len(wire)
                     holding.append(self)
                 else:
                     held.append(wire)
-                buffered = 0
+                    self._held_bytes += len(wire)
+                buffered = 0 if self._held_bytes < _HOLD_BYTES else self._write_held(held)
             else:
                 buffered = direct.write_frame(wire)
             if buffered >= 0:
@@ -246,17 +262,25 @@ class SendQueue:
 
     def _release(self) -> int:
         """Write the frames held since `hold_writes`, joined; returns the writes that saved."""
-        held, self._held = self._held, None
-        direct = self.direct
-        if not held or direct is None or self.closed:
+        held = self._held
+        if not held or self.closed:
+            self._held = None
             return 0
-        # The socket was writable when they were held, and only its own writes (held until
-        # now) can make it pause: -1 here means it closed meanwhile, taking them with it.
-        buffered = direct.write_frame(held[0] if len(held) == 1 else b"".join(held))
+        buffered = self._write_held(held)
         if buffered > self._limit:
             self.closed = True
             self._on_overflow([])
         return len(held) - 1 if buffered >= 0 else 0
+
+    def _write_held(self, held: list[bytes]) -> int:
+        """Write ``held`` in one go, as `write_frame` writes one frame (its answer)."""
+        self._held = None
+        direct = self.direct
+        if direct is None:
+            return -1
+        # The socket was writable when they were held, and only its own writes (held until
+        # now) can make it pause: -1 here means it closed meanwhile, taking them with it.
+        return direct.write_frame(held[0] if len(held) == 1 else b"".join(held))
 
     def _coalesce(self, entry: _Live, frame: str) -> None:
         key, namespace = coalescing_key(frame)
@@ -344,7 +368,10 @@ class SendQueue:
                 waiter.set_result(None)
 
     def close(self) -> None:
-        """Drop what is queued and stop the writer."""
+        """Drop what is queued and stop the writer. Frames held for a write (`hold_writes`)
+        go first: they count as sent, as a frame written straight to the socket does."""
+        if self._held:
+            self._write_held(self._held)
         self.closed = True
         self._frames = None
         self._keyed.clear()

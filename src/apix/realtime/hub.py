@@ -86,7 +86,7 @@ class HubStats:
     fanout_seconds: float = 0.0
     interruptions: int = 0
     batches: int = 0  # reads that brought several messages, fanned out together
-    writes_saved: int = 0  # frames that went out in a write with others (`hold_writes`)
+    writes_saved: int = 0  # frames that went out joined, less one per write (`hold_writes`)
 
 
 class Hub:

@@ -45,10 +45,10 @@ class GatewayStatus(BaseModel):
     frames_out: int
     fanout_ms_total: float
     fanout_batches: int = Field(
-        description="Reads from Redis that brought several events, fanned out together."
+        description="Reads from Redis that brought several messages, handled together."
     )
     writes_saved: int = Field(
-        description="Event frames that left in one socket write with others of their batch."
+        description="Socket writes saved: frames that went out joined, less one per write."
     )
     send_buffer_bytes_max: int
 

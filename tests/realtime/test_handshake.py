@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
+from apix.core.http_protocol import ApixHttpProtocol
 from apix.realtime.transport import _deflate, _plain_upgrade, _select_subprotocol
 from tests.conftest import LiveServer
 from tests.identity.factories import new_org_admin
@@ -244,3 +245,46 @@ async def test_two_origin_headers_are_refused_and_the_node_serves_on(
         assert (await hand_command((reader, writer), {**command, "client": client}))["ok"]
     finally:
         writer.close()
+
+
+@pytest.mark.parametrize("pieces", [1, 2], ids=["whole", "in-two-reads"])
+async def test_an_upgrade_that_arrives_whole_skips_the_http_parser(
+    client: httpx.AsyncClient,
+    live: LiveServer,
+    monkeypatch: pytest.MonkeyPatch,
+    pieces: int,
+) -> None:
+    """A connection's first read holding a whole plain upgrade goes straight to the
+    gateway's protocol; one that arrives in pieces is parsed by uvicorn first, as before.
+    Both are answered alike and serve commands."""
+    begun: list[object] = []
+    original = ApixHttpProtocol.on_message_begin
+
+    def counting(self: ApixHttpProtocol) -> None:
+        begun.append(self)
+        original(self)
+
+    monkeypatch.setattr(ApixHttpProtocol, "on_message_begin", counting)
+    admin = await new_org_admin(client)
+    begun.clear()  # the sign-up's own requests
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (
+        "GET /api/v1/apix/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+    try:
+        cut = len(request) // pieces
+        for start in range(0, len(request), cut):
+            writer.write(request[start : start + cut])
+            await writer.drain()
+            await asyncio.sleep(0.05)  # a read of its own on the server
+        status, fields = _headers(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5))
+        assert status == b"HTTP/1.1 101 Switching Protocols"
+        assert fields["sec-websocket-accept"] == _expected_accept(key)
+        command = {"op": "connect", "id": 1, "token": admin.access_token}
+        reply = await hand_command((reader, writer), {**command, "client": {"type": "API_CLIENT"}})
+        assert reply["ok"], reply
+    finally:
+        writer.close()
+    assert len(begun) == pieces - 1

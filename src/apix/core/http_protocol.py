@@ -14,6 +14,13 @@ Continue` (written at once, as before), and what a client sees when an app fails
 a response that was started and not finished still ends in a closed connection, with its
 head written first. `HEAD` responses, which have no body write to join, are left alone,
 and a large first body (over 64 KiB) is written after its head, not copied onto it.
+
+A connection whose first bytes are a whole, plain WebSocket upgrade request goes straight
+to the WebSocket protocol class, if that class offers ``take_upgrade`` (the gateway's
+does): uvicorn would parse the request into an HTTP scope, write it out again and hand
+that over, to be parsed once more. Anything else, including an upgrade that arrives in
+pieces, takes uvicorn's way.
+
 Use it as ``uvicorn.Config(http=HTTP_PROTOCOL)``.
 """
 
@@ -29,6 +36,14 @@ __all__ = ["HTTP_PROTOCOL", "ApixHttpProtocol"]
 
 
 class ApixHttpProtocol(HttpToolsProtocol):
+    def data_received(self, data: bytes) -> None:
+        scope: object = self.scope  # None until uvicorn begins parsing a request
+        if scope is None:  # the connection's first bytes: perhaps a WebSocket upgrade
+            take = getattr(self.ws_protocol_class, "take_upgrade", None)
+            if take is not None and take(self, data):
+                return
+        super().data_received(data)
+
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         cycle = self.cycle

@@ -259,6 +259,31 @@ class ApixWebSocketProtocol(asyncio.Protocol):
 
     # --- internals ----------------------------------------------------------------------
 
+    @classmethod
+    def take_upgrade(cls, http: Any, data: bytes) -> bool:
+        """Take over the connection of ``http`` (uvicorn's HTTP protocol, before it parsed
+        anything) if its first bytes ``data`` are a whole, plain upgrade request: answered
+        as uvicorn's hand-over would have it answered, without parsing it into an HTTP
+        scope first (`ApixHttpProtocol.data_received`). False, and nothing done, otherwise.
+        """
+        if not data.startswith(b"GET ") or _UPGRADE_FIELD.search(data) is None:
+            return False  # an ordinary request (or the start of one) for uvicorn
+        plain = _plain_upgrade(data, http.config.ws_per_message_deflate)
+        if plain is None:
+            return False
+        # What uvicorn's `handle_websocket_upgrade` does, with the request already parsed.
+        http.connections.discard(http)
+        protocol = cls(config=http.config, server_state=http.server_state, app_state=http.app_state)
+        protocol.connection_made(http.transport)
+        http.transport.set_protocol(protocol)
+        try:
+            protocol._accept(plain)
+        except Exception:  # as in `data_received`: never half set up
+            _log.exception("websocket: upgrade failed")
+            protocol._closed = True
+            protocol.transport.abort()
+        return True
+
     def _upgrade(self, data: bytes) -> None:
         """The opening handshake (RFC 6455 section 4.2), on the request uvicorn parsed."""
         config = self._config
@@ -274,6 +299,10 @@ class ApixWebSocketProtocol(asyncio.Protocol):
             )
             self.data_received(data)
             return
+        self._accept(plain)
+
+    def _accept(self, plain: Upgrade) -> None:
+        """Answer a plain upgrade request (`_plain_upgrade`): 101, or the refusal."""
         path, origin, response, extensions, rest = plain
         gateway = self._admit(path, origin)
         if gateway is not None:
@@ -447,6 +476,7 @@ _SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnect
 _HEADER_NAME = re.compile(rb"[-!#$%&\'*+.^_`|~0-9a-zA-Z]+")
 _HEADER_VALUE = re.compile(rb"[\x09\x20-\x7e\x80-\xff]*")
 _MAX_HEADERS = 128
+_UPGRADE_FIELD = re.compile(rb"\r\nupgrade:", re.IGNORECASE)
 _MAX_LINE = 8192 - 2  # a line and its CRLF
 
 Upgrade = tuple[str, str | None, bytes, list[Extension], bytes]

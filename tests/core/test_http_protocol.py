@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import socket
 import struct
 import sys
@@ -52,6 +53,12 @@ async def app(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await asyncio.sleep(1.0)
         await send({"type": "http.response.body", "body": b"late", "more_body": False})
+        return
+    if path == "/addresses":  # what the app is told about the two ends
+        body = repr((scope["client"], scope["server"], scope["scheme"])).encode()
+        headers = [(b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
         return
     plan = PLANS[int(path.rsplit("/", 1)[1])]
     headers = list(plan.headers)
@@ -248,3 +255,22 @@ def test_a_response_leaves_in_one_tcp_segment(uvicorns: tuple[Server, Server]) -
     ours, stock = uvicorns
     assert segments[ours] == 1
     assert segments[stock] == 2
+
+
+def test_the_app_is_told_both_ends_of_the_connection(
+    uvicorns: tuple[Server, Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Looked up when the first request begins, not when the connection is made; a second
+    request on the same connection is told the same. (At uvicorn's TRACE level, which
+    logs them as the connection is made, uvicorn looks them up itself.)"""
+    for server, level in itertools.product(uvicorns, [logging.INFO, logging.NOTSET]):
+        monkeypatch.setattr(logging.getLogger("uvicorn.error"), "level", level)
+        with server.connect() as sock:
+            request = b"GET /addresses HTTP/1.1\r\nhost: t\r\n\r\n"
+            sock.sendall(request + request[:-2] + b"connection: close\r\n\r\n")
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+            client, local = sock.getsockname(), sock.getpeername()
+        expected = repr((client, local, "http")).encode()
+        assert received.count(expected) == 2, received

@@ -30,12 +30,37 @@ import asyncio
 from typing import cast
 
 from uvicorn._types import ASGISendEvent
+from uvicorn.logging import TRACE_LOG_LEVEL
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 
 __all__ = ["HTTP_PROTOCOL", "ApixHttpProtocol"]
 
 
 class ApixHttpProtocol(HttpToolsProtocol):
+    _unaddressed = False  # the connection's addresses are looked up when a request begins
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self.logger.level <= TRACE_LOG_LEVEL:  # uvicorn logs the client's address here
+            super().connection_made(transport)
+            return
+        # uvicorn's, less the two address look-ups (on uvloop each makes a socket object
+        # and several system calls), left to the first request: a connection handed to
+        # the gateway at once (`data_received`) has none.
+        self.connections.add(self)
+        self.transport = transport
+        self.flow = FlowControl(transport)
+        self.scheme = "https" if is_ssl(transport) else "http"
+        self._unaddressed = True
+
+    def on_message_begin(self) -> None:
+        if self._unaddressed:
+            self._unaddressed = False
+            self.server = get_local_addr(self.transport)
+            self.client = get_remote_addr(self.transport)
+        super().on_message_begin()
+
     def data_received(self, data: bytes) -> None:
         scope: object = self.scope  # None until uvicorn begins parsing a request
         if scope is None:  # the connection's first bytes: perhaps a WebSocket upgrade

@@ -51,10 +51,13 @@ def configure_logging(settings: LogSettings) -> None:
     root.handlers[:] = [handler]
     root.setLevel(settings.level)
     # uvicorn installs its own handlers; route its records through ours instead.
+    # Their level is set, not inherited: uvicorn reads a logger's own level to decide
+    # whether to format TRACE lines, and at NOTSET it formatted two for every connection.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+        logger.setLevel(settings.level)
     # One access line per request is written by our middleware, with the request id.
     logging.getLogger("uvicorn.access").disabled = True
     # pgserver narrates every step at INFO; keep its warnings only.

@@ -214,7 +214,12 @@ def _update(args: argparse.Namespace, path: Path, targets: list[str], scenarios:
             for target in chosen.values():
                 target.close()
             results.setdefault("updates", []).append(
-                {"at": stamp, "scenarios": scenarios, "targets": targets}
+                {
+                    "at": stamp,
+                    "scenarios": scenarios,
+                    "targets": targets,
+                    "source": _git_state(),
+                }
             )
             ctx.save()
     if not args.no_docs:

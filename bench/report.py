@@ -220,9 +220,10 @@ def _document(results: dict[str, Any], path: Path, charts: dict[str, str]) -> st
     if results.get("note"):
         parts += ["", f"> {results['note']}"]
     for update in results.get("updates", []):
+        source = f", APIX source {update['source']}" if update.get("source") else ""
         parts += [
             "",
-            f"> Re-run into this file at {update['at']} (`--update`): "
+            f"> Re-run into this file at {update['at']} (`--update`{source}): "
             f"{', '.join(update['scenarios'])} for {', '.join(update['targets'])}.",
         ]
     if results.get("interrupted"):

@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import pytest
 from uvicorn.logging import TRACE_LOG_LEVEL
 
 from apix.config import LogSettings
 from apix.core.logging import configure_logging
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored() -> Iterator[None]:
+    """What `configure_logging` changes, as it was before the test."""
+    names = ["", "uvicorn", "uvicorn.error", "uvicorn.access"]
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
+    handlers = logging.getLogger().handlers[:]
+    yield
+    logging.getLogger().handlers[:] = handlers
+    for logger, level in saved:
+        logger.setLevel(level)
 
 
 @pytest.mark.parametrize("level", ["INFO", "WARNING"])

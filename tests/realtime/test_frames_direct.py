@@ -89,9 +89,9 @@ def _opened(limit: int) -> tuple[ApixWebSocketProtocol, _Transport, _Gateway]:
     return protocol, transport, gateway
 
 
-def _sent(data: bytes) -> tuple[list[bytes], bool]:
-    """The pongs' payloads in what the server wrote (sorted), and whether it wrote a close."""
-    pongs, close, pos = [], False, 0
+def _sent(data: bytes) -> tuple[list[bytes], int]:
+    """The pongs' payloads in what the server wrote (sorted), and how many closes."""
+    pongs, close, pos = [], 0, 0
     while pos < len(data):
         first, size, pos = data[pos], data[pos + 1] & 0x7F, pos + 2
         if size == 126:
@@ -99,14 +99,14 @@ def _sent(data: bytes) -> tuple[list[bytes], bool]:
         payload, pos = data[pos : pos + size], pos + size
         if first == 0x8A:
             pongs.append(payload)
-        close = close or first == 0x88
+        close += first == 0x88
     return sorted(pongs), close
 
 
 def _run(
     reads: list[bytes], *, direct: bool, limit: int
-) -> tuple[list[Any], tuple[list[bytes], bool], bool]:
-    async def go() -> tuple[list[Any], tuple[list[bytes], bool], bool]:
+) -> tuple[list[Any], tuple[list[bytes], int], bool]:
+    async def go() -> tuple[list[Any], tuple[list[bytes], int], bool]:
         protocol, transport, gateway = _opened(limit)
         protocol._direct = direct
         for data in reads:
@@ -184,10 +184,24 @@ async def test_commands_cut_into_pieces_arrive_whole_and_are_still_read_directly
     assert gateway.peer.seen == ['{"op":"ping"}', "x" * 300]
 
 
-def test_commands_after_a_fragmented_message_are_read_directly_again() -> None:
-    frames = [_frame(0x01, b"ab"), _frame(0x80, b"cd"), _frame(0x81, b"ef")]
-    seen, _, _ = _run([b"".join(frames)], direct=True, limit=1_000)
-    assert seen == ["abcd", "ef", ("lost", 1006)]
+async def test_commands_after_a_fragmented_message_are_read_directly_again() -> None:
+    protocol, _, gateway = _opened(1_000)
+    command = _frame(0x81, b"ef")
+    protocol.data_received(_frame(0x01, b"ab") + _frame(0x80, b"cd") + command[:3])
+    assert protocol._direct  # the command's start was held: websockets never saw it
+    protocol.data_received(command[3:])
+    assert protocol._direct
+    assert gateway.peer.seen == ["abcd", "ef"]
+
+
+async def test_a_frame_refused_by_its_header_is_answered_before_its_payload_arrives() -> None:
+    """An unmasked frame is a protocol error (1002) whatever follows: not held."""
+    protocol, transport, gateway = _opened(1_000)
+    protocol.data_received(_frame(0x81, b"x" * 300, masked=False)[:10])
+    assert gateway.peer.seen == [("lost", 1002)]
+    assert _sent(b"".join(transport.written)) == ([], 1)
+    if protocol._close_timer is not None:
+        protocol._close_timer.cancel()
 
 
 def test_a_message_that_closes_the_connection_read_with_the_clients_close_fails_nothing() -> None:

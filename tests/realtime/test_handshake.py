@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import os
+import struct
 
 import httpx
 import pytest
@@ -288,3 +290,36 @@ async def test_an_upgrade_that_arrives_whole_skips_the_http_parser(
     finally:
         writer.close()
     assert len(begun) == pieces - 1
+
+
+async def test_a_command_sent_with_the_upgrade_is_answered(
+    client: httpx.AsyncClient, live: LiveServer
+) -> None:
+    """Frames in the same read as the request (the client did not wait for the 101) are
+    read once the connection is upgraded, not dropped."""
+    admin = await new_org_admin(client)
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (
+        "GET /api/v1/apix/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+    command = json.dumps(
+        {"op": "connect", "id": 7, "token": admin.access_token, "client": {"type": "API_CLIENT"}}
+    ).encode()
+    mask = os.urandom(4)
+    frame = struct.pack("!BBH", 0x81, 0x80 | 126, len(command)) + mask
+    frame += bytes(b ^ mask[i % 4] for i, b in enumerate(command))
+    reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+    try:
+        writer.write(request + frame)
+        status, _ = _headers(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5))
+        assert status == b"HTTP/1.1 101 Switching Protocols"
+        head = await asyncio.wait_for(reader.readexactly(2), 5)
+        size = head[1] & 0x7F
+        if size == 126:
+            size = struct.unpack("!H", await reader.readexactly(2))[0]
+        reply = json.loads(await asyncio.wait_for(reader.readexactly(size), 5))
+        assert reply["id"] == 7
+        assert reply["ok"], reply
+    finally:
+        writer.close()

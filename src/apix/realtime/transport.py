@@ -119,6 +119,7 @@ class ApixWebSocketProtocol(asyncio.Protocol):
         "_drained",
         "_fragments",
         "_held",
+        "_needed",
         "_paused",
         "conn",
         "peer",
@@ -148,7 +149,8 @@ class ApixWebSocketProtocol(asyncio.Protocol):
         self._closed = False  # a close frame was sent or the socket is gone
         self._close_timer: asyncio.TimerHandle | None = None
         self._direct = False  # frames are read by `_read_direct` (see there)
-        self._held = b""  # the start of a frame `_read_direct` has not had all of yet
+        self._held = bytearray()  # the start of a frame `_read_direct` has not all of yet
+        self._needed = 0  # that frame's length, once its header is in
 
     # --- asyncio.Protocol --------------------------------------------------------------
 
@@ -396,15 +398,20 @@ class ApixWebSocketProtocol(asyncio.Protocol):
         frame) goes whole to websockets' parser, which this way always stands at a frame's
         start: it answers pings and closes, reassembles fragments and refuses what RFC 6455
         forbids, as it does for the rest. The start of a frame not all here yet is kept for
-        the next read; a frame over `_HOLD_MAX` bytes not all here, or over the size limit,
-        hands the rest of the stream to websockets' parser for good.
+        the next read (and not parsed again until it is whole); a frame over `_HOLD_MAX` bytes
+        not all here, over the size limit, or refused from its header alone hands the rest
+        of the stream to websockets' parser for good.
         """
         conn = self.conn
         assert conn is not None  # noqa: S101 - set before `_direct`
         if self._held:
-            data, self._held = self._held + data, b""
+            held = self._held
+            held += data
+            if len(held) < self._needed:
+                return  # still not the whole frame: nothing to parse again
+            data, self._held = bytes(held), bytearray()
         limit = self._config.ws_max_size
-        pos, end = 0, len(data)
+        pos, end, needed = 0, len(data), 0
         while pos < end:
             if end - pos < 2:
                 break
@@ -424,8 +431,11 @@ class ApixWebSocketProtocol(asyncio.Protocol):
                 break  # the header is not all here yet
             stop = head + size
             if stop > end:
-                if size <= _HOLD_MAX and size <= limit:
+                if size <= _HOLD_MAX and size <= limit and _well_formed(first, masked, size):
+                    needed = stop - pos
                     break  # the rest comes with the next read
+                # Too long to hold, or refused from its header alone: websockets' parser
+                # answers it now (1002, 1009) and takes the rest of the stream.
                 self._direct = False
                 self._parse(conn, data[pos:])
                 return
@@ -437,7 +447,8 @@ class ApixWebSocketProtocol(asyncio.Protocol):
                     self._direct = False  # is for it to discard
                     return
             pos = stop
-        self._held = data[pos:]
+        if pos < end:  # kept, with how long the frame is (0: its header is not all here)
+            self._held, self._needed = bytearray(data[pos:]), needed
 
     def _frame(self, frame: Frame) -> None:
         opcode = frame.opcode
@@ -551,6 +562,18 @@ _HEADER_VALUE = re.compile(rb"[\x09\x20-\x7e\x80-\xff]*")
 _MAX_HEADERS = 128
 # The longest frame `_read_direct` keeps the start of while the rest is on its way.
 _HOLD_MAX = 64 * 1024
+
+
+def _well_formed(first: int, masked: int, size: int) -> bool:
+    """Whether a client's frame header, without extensions, is one websockets' parser would
+    read on (masked, reserved bits clear, a known opcode; a control frame final and at most
+    125 bytes), not refuse at once."""
+    opcode = first & 0x0F
+    if not masked or first & 0x70 or opcode not in (0, 1, 2, 8, 9, 10):
+        return False
+    return opcode < 8 or (bool(first & 0x80) and size <= 125)
+
+
 _UPGRADE_FIELD = re.compile(rb"\r\nupgrade:", re.IGNORECASE)
 _MAX_LINE = 8192 - 2  # a line and its CRLF
 

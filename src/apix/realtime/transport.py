@@ -391,8 +391,8 @@ class ApixWebSocketProtocol(asyncio.Protocol):
     def _read_direct(self, data: bytes) -> None:
         """Read the frames in ``data``, the ones clients nearly always send here: final,
         masked text frames, each a command, read and unmasked without websockets' parser
-        (a generator per frame and several per header field: a fifth of a connect's CPU
-        went to reading its two commands).
+        (which runs a generator per frame and several per header field: about 4 µs a
+        frame, against 1.4 here, in a micro-benchmark of `data_received`).
 
         Every other frame (control frames, fragments, binary, reserved bits, an unmasked
         frame) goes whole to websockets' parser, which this way always stands at a frame's

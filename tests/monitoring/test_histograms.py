@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram
 from redis.asyncio import Redis
 
 from apix.monitoring import histograms, store
 from apix.monitoring.histograms import Window
+from apix.monitoring.metrics import Latencies
 from apix.monitoring.probe import DeliveryProbe, Label, frame_channel, frame_ts
 from apix.realtime.broker import event_frame, event_payload
 from tests.conftest import Servers
@@ -40,23 +43,55 @@ def test_percentiles_of_known_inputs_are_within_one_percent() -> None:
         assert measured == pytest.approx(expected, rel=0.01)
 
 
-@settings(max_examples=200, deadline=None)
-@given(
-    values=st.lists(
-        st.one_of(
-            st.integers(min_value=-1000, max_value=histograms.HIGHEST_US * 2),
-            st.integers(min_value=0, max_value=5000),  # the exact range and its first buckets
+BULK_VALUES = st.lists(
+    st.one_of(
+        st.integers(min_value=0, max_value=histograms.HIGHEST_US * 2),
+        st.integers(min_value=0, max_value=5000),  # the exact range and its first buckets
+        # Around Prometheus's bucket bounds, where a value in seconds is compared.
+        st.sampled_from(histograms.PROMETHEUS_BOUNDS_S).flatmap(
+            lambda b: st.integers(round(b * 1e6) - 2, round(b * 1e6) + 2)
         ),
-        max_size=2000,
-    )
+    ),
+    max_size=2000,
 )
-def test_recording_in_bulk_gives_the_histogram_of_recording_one_by_one(values: list[int]) -> None:
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=BULK_VALUES)
+def test_a_tally_gives_the_histogram_of_recording_one_by_one(values: list[int]) -> None:
     one_by_one, bulk = _of(values), histograms.new()
-    histograms.record_many(bulk, values)
+    histograms.Tally.of(values).record_into(bulk)
     assert list(bulk.counts) == list(one_by_one.counts)
     assert histograms.encode(bulk) == histograms.encode(one_by_one)
     assert histograms.summary(bulk) == histograms.summary(one_by_one)
     assert bulk.get_min_value() == one_by_one.get_min_value()
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=BULK_VALUES)
+def test_a_tally_gives_the_prometheus_histogram_of_observing_one_by_one(
+    values: list[int],
+) -> None:
+    registry = CollectorRegistry()
+    observed = Histogram(
+        "one_by_one", "", buckets=histograms.PROMETHEUS_BOUNDS_S, registry=registry
+    )
+    for micros in values:
+        observed.observe(micros / 1_000_000)
+    latencies = Latencies("tallied", "", [])
+    latencies.add((), histograms.Tally.of(values[: len(values) // 2]))
+    latencies.add((), histograms.Tally.of(values[len(values) // 2 :]))  # two pushes
+
+    def buckets(samples: list[Any], name: str) -> dict[str, float]:
+        return {s.labels["le"]: s.value for s in samples if s.name == f"{name}_bucket"}
+
+    (expected,) = observed.collect()
+    mine = latencies.family()
+    assert buckets(mine.samples, "tallied") == buckets(expected.samples, "one_by_one")
+    counts = {s.name: s.value for s in mine.samples if not s.name.endswith("_bucket")}
+    assert counts["tallied_count"] == len(values)
+    expected_sum = next(s.value for s in expected.samples if s.name == "one_by_one_sum")
+    assert counts["tallied_sum"] == pytest.approx(expected_sum, rel=1e-9, abs=1e-9)
 
 
 def test_an_empty_histogram_has_no_percentiles() -> None:
@@ -115,12 +150,13 @@ def test_the_probe_samples_the_first_delivery_per_client_type_then_every_nth() -
     for _ in range(10):
         probe.written(frame, web)
     probe.written(frame, service)
-    samples, counts = probe.take()
+    tallies, counts = probe.take()
     # web: the first, then every 4th of the next 9 (2 more); service: its first.
-    assert [(s[0], s[2], s[3]) for s in samples] == [("delivery", "room", "WEB_APP")] * 3 + [
-        ("delivery", "room", "INTERNAL_SERVICE")
-    ]
-    assert all(0 <= s[4] < 5_000_000 for s in samples)
+    assert {key: tally.count for key, tally in tallies.items()} == {
+        ("org-1", "delivery", "room", "WEB_APP"): 3,
+        ("org-1", "delivery", "room", "INTERNAL_SERVICE"): 1,
+    }
+    assert all(0 <= t.sum_us < 5_000_000 * t.count for t in tallies.values())
     assert counts == {
         ("org-1", "delivered", "room"): 11,
         ("org-1", "channel_out", "room:a"): 11,
@@ -140,7 +176,8 @@ async def test_two_nodes_pushing_to_redis_merge_into_the_histogram_of_the_union(
         now = time.time()
         for node, values in (("node-a", a), ("node-b", b)):
             slots = store.NodeSlots(node)
-            slots.add([("delivery", "org-1", "room", "WEB_APP", v) for v in values], {}, now)
+            key = ("org-1", "delivery", "room", "WEB_APP")
+            slots.add({key: histograms.Tally.of(values)} if values else {}, {}, now)
             await slots.push(redis, now, {})
         found = await store.read_hists(redis, ["org-1", "*"], 10, [store.slot_of(now, 10)])
         union = _of([*a, *b])

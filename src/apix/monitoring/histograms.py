@@ -7,7 +7,7 @@ from 1 µs to 10 minutes (longer values count as 10 minutes), in about 20 KB a h
 from __future__ import annotations
 
 import enum
-from collections import Counter
+from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -48,25 +48,74 @@ def record(histogram: HdrHistogram, micros: int) -> None:
     histogram.record_value(min(max(micros, 0), HIGHEST_US))
 
 
-def record_many(histogram: HdrHistogram, values: Iterable[int]) -> None:
-    """Record ``values`` (integers) as `record` would, one by one, at about half the cost.
+# Prometheus's buckets for every latency histogram of `/metrics`, in seconds.
+PROMETHEUS_BOUNDS_S = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
 
-    A histogram only counts which bucket a value falls in. Each value is taken down to the
-    lowest value of its bucket (the bucket's `unit << k` boundaries, as `hdrh` computes
-    them), equal ones are counted together, and each bucket is recorded once with its
-    count: the counts, and every figure read from them, are the same.
+
+def _largest_micros_within(bound_s: float) -> int:
+    """The largest integer ``m`` with ``m / 1_000_000 <= bound_s``: Prometheus compares the
+    value in seconds, so a sample of ``m`` µs falls in that bucket exactly when ``m`` is at
+    most this."""
+    m = round(bound_s * 1_000_000)
+    while (m + 1) / 1_000_000 <= bound_s:
+        m += 1
+    while m / 1_000_000 > bound_s:
+        m -= 1
+    return m
+
+
+_PROMETHEUS_MICROS = [_largest_micros_within(b) for b in PROMETHEUS_BOUNDS_S]
+# hdrh: a value's bucket starts at v >> s << s, s = bit_length(v | mask) - (half + 1).
+_LAYOUT = HdrHistogram(LOWEST_US, HIGHEST_US, DIGITS)
+_MASK = _LAYOUT.sub_bucket_mask
+_CUT = _LAYOUT.sub_bucket_half_count_magnitude + 1
+
+
+class Tally:
+    """Latencies of one series, counted by bucket as they are sampled.
+
+    Each value is counted in the bucket its HDR histogram would record it in (under the
+    lowest value of that bucket) and in the Prometheus bucket it falls in; the sum is kept
+    too. Folding a tally into its histograms then costs one call per bucket used, however
+    many values it counted: folding values one by one, every few seconds, held a busy
+    node's loop for tens of milliseconds (docs/monitoring.md).
     """
-    mask = histogram.sub_bucket_mask
-    # hdrh: bucket = bit_length(v | mask) - unit - (half + 1); lowest = v >> (bucket + unit)
-    # << (bucket + unit). So the shift is bit_length(v | mask) - (half + 1).
-    cut = histogram.sub_bucket_half_count_magnitude + 1
-    buckets: Counter[int] = Counter()
-    for value in values:
-        value = min(max(value, 0), HIGHEST_US)
-        shift = (value | mask).bit_length() - cut
-        buckets[value >> shift << shift] += 1
-    for lowest, count in buckets.items():
-        histogram.record_value(lowest, count)
+
+    __slots__ = ("hdr", "prometheus", "sum_us")
+
+    def __init__(self) -> None:
+        self.hdr: dict[int, int] = {}  # a bucket's lowest value (µs) → count
+        # Counts per Prometheus bucket, not cumulative; the last is +Inf's own.
+        self.prometheus = [0] * (len(_PROMETHEUS_MICROS) + 1)
+        self.sum_us = 0
+
+    @classmethod
+    def of(cls, values: Iterable[int]) -> Tally:
+        tally = cls()
+        for value in values:
+            tally.add(value)
+        return tally
+
+    def add(self, micros: int) -> None:
+        """Count a latency of ``micros`` (≥ 0; the HDR histogram caps it at `HIGHEST_US`)."""
+        value = micros if micros < HIGHEST_US else HIGHEST_US
+        shift = (value | _MASK).bit_length() - _CUT
+        lowest = value >> shift << shift
+        hdr = self.hdr
+        hdr[lowest] = hdr.get(lowest, 0) + 1
+        self.prometheus[bisect_left(_PROMETHEUS_MICROS, micros)] += 1
+        self.sum_us += micros
+
+    @property
+    def count(self) -> int:
+        return sum(self.prometheus)
+
+    def record_into(self, histogram: HdrHistogram) -> None:
+        """Add what was counted to ``histogram``: as if each value had been recorded."""
+        for lowest, count in self.hdr.items():
+            histogram.record_value(lowest, count)
 
 
 def encode(histogram: HdrHistogram) -> bytes:

@@ -1,7 +1,8 @@
 """This node's Prometheus metrics (`GET /metrics`), in a registry of its own per app.
 
-Counters and histograms are fed from the probe's batches (never per delivery); gauges are
-read when scraped: the gateway's connections, the database pool, the archive backlog.
+Counters and histograms are fed from the probe's batches (never per delivery): the latency
+histograms from its tallies, a bucket at a time. Gauges are read when scraped: the gateway's
+connections, the database pool, the archive backlog.
 Every name is listed in docs/operations.md.
 """
 
@@ -11,18 +12,52 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
-from apix.monitoring.probe import Counts, Sample
-from apix.monitoring.store import group
+from apix.monitoring.histograms import PROMETHEUS_BOUNDS_S, Tally
+from apix.monitoring.probe import Counts, Tallies
 
 if TYPE_CHECKING:
     from apix.monitoring.runtime import MonitoringRuntime
 
-LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
+_LE = [*map(floatToGoString, PROMETHEUS_BOUNDS_S), "+Inf"]
+
+
+class Latencies:
+    """A Prometheus histogram with labels, fed whole tallies: what `Histogram.observe` of
+    every value would show, at one addition per bucket instead of a locked call per value."""
+
+    def __init__(self, name: str, documentation: str, labels: list[str]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = labels
+        self._series: dict[tuple[str, ...], tuple[list[int], list[int]]] = {}  # counts, [sum]
+
+    def add(self, labels: tuple[str, ...], tally: Tally) -> None:
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = ([0] * len(_LE), [0])
+        counts, total = series
+        for i, n in enumerate(tally.prometheus):
+            counts[i] += n
+        total[0] += tally.sum_us
+
+    def family(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, (counts, total) in self._series.items():
+            cumulative, buckets = 0, []
+            for le, n in zip(_LE, counts, strict=True):
+                cumulative += n
+                buckets.append((le, cumulative))
+            family.add_metric(list(labels), buckets, sum_value=total[0] / 1_000_000)
+        return family
 
 
 class Metrics:
@@ -63,25 +98,21 @@ class Metrics:
                 registry=r,
             ),
         }
-        self.delivery = Histogram(
+        self.delivery = Latencies(
             "apix_delivery_latency_seconds",
             "Publish (event ts) to socket write, sampled, per namespace and client type.",
             ["namespace", "client_type"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.rtt = Histogram(
+        self.rtt = Latencies(
             "apix_heartbeat_rtt_seconds",
             "Protocol ping to pong round trip, per client type.",
             ["client_type"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
         )
         self.http = Histogram(
             "apix_http_request_duration_seconds",
             "HTTP request duration per route template and method.",
             ["method", "route"],
-            buckets=LATENCY_BUCKETS,
+            buckets=PROMETHEUS_BOUNDS_S,
             registry=r,
         )
         self.http_requests = Counter(
@@ -90,28 +121,22 @@ class Metrics:
             ["method", "route", "status"],
             registry=r,
         )
-        self.round_trip = Histogram(
+        self.round_trip = Latencies(
             "apix_backend_round_trip_seconds",
             "Round trip of the periodic probe to a backend (`redis`, `postgres`).",
             ["backend"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
         )
         r.register(_Snapshot(runtime))
 
-    def observe(self, samples: list[Sample], counts: Counts) -> None:
+    def observe(self, tallies: Tallies, counts: Counts) -> None:
         """Fold one drained batch in (HTTP is observed by the middleware itself)."""
-        for (_org, metric, d1, d2), values in group(samples).items():
+        for (_org, metric, d1, d2), tally in tallies.items():
             if metric == "delivery":
-                child = self.delivery.labels(d1, d2)
+                self.delivery.add((d1, d2), tally)
             elif metric == "rtt":
-                child = self.rtt.labels(d2)
+                self.rtt.add((d2,), tally)
             elif metric in ("redis", "postgres"):
-                child = self.round_trip.labels(metric)
-            else:
-                continue
-            for micros in values:
-                child.observe(micros / 1_000_000)
+                self.round_trip.add((metric,), tally)
         for (_org, name, dim), n in counts.items():
             counter = self.events.get(name)
             if counter is not None and n:
@@ -170,11 +195,10 @@ class _Snapshot(Collector):
             "Socket writes saved: frames that went out joined, less one per write.",
             value=stats.writes_saved,
         )
-        yield CounterMetricFamily(
-            "apix_monitoring_samples_dropped",
-            "Latency samples dropped because the probe's buffer was full.",
-            value=runtime.probe.dropped,
-        )
+        metrics = runtime.metrics
+        yield metrics.delivery.family()
+        yield metrics.rtt.family()
+        yield metrics.round_trip.family()
         yield from _pool(runtime)
         backlog: dict[str, Any] | None = runtime.archive_backlog
         if backlog is not None:

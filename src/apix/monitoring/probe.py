@@ -4,8 +4,9 @@ The gateway calls `DeliveryProbe.written` for every live event frame it writes t
 The frame (one string object per event per node, shared by every subscriber) is parsed once
 per event; a delivery then costs an identity check, a counter and a bit test. Latency is
 sampled on the first delivery of each event per client type, plus every N-th delivery, so
-subscribers late in a large fan-out are measured too. Samples and counts wait in memory
-until the monitoring runtime drains them into histograms (no Redis, no database here).
+subscribers late in a large fan-out are measured too. A sample is counted at once in its
+series' `Tally` (by histogram bucket), and tallies and counts wait in memory until the
+monitoring runtime drains them into histograms (no Redis, no database here).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from apix.monitoring.histograms import Tally
+
 PLATFORM = "*"  # the organisation key of platform-wide figures
 
 CLIENT_TYPES = ("WEB_APP", "MOBILE_APP", "SDK_WIDGET", "API_CLIENT", "INTERNAL_SERVICE")
@@ -21,7 +24,6 @@ _BITS = {name: 1 << i for i, name in enumerate(CLIENT_TYPES)}
 
 # `{"op":"event","channel":"` opens every event frame (apix.realtime.broker.event_frame).
 _CHANNEL_AT = len('{"op":"event","channel":"')
-_MAX_SAMPLES = 200_000  # between two drains; past it samples are counted as dropped
 
 
 @dataclass(slots=True)
@@ -36,8 +38,9 @@ class Label:
         self.bit = _BITS.get(self.client_type, 1 << len(CLIENT_TYPES))
 
 
-# (metric, organisation, dimension 1, dimension 2, value in microseconds)
-Sample = tuple[str, str, str, str, int]
+# A latency series: (organisation, metric, dimension 1, dimension 2).
+HKey = tuple[str, str, str, str]
+Tallies = dict[HKey, Tally]
 # (organisation, counter, dimension) → count
 Counts = dict[tuple[str, str, str], int]
 
@@ -63,9 +66,8 @@ def frame_ts(frame: str) -> int | None:
 @dataclass(slots=True)
 class DeliveryProbe:
     sample_every: int = 16
-    samples: list[Sample] = field(default_factory=list)
+    tallies: Tallies = field(default_factory=dict)
     counts: Counts = field(default_factory=lambda: defaultdict(int))
-    dropped: int = 0
     # The event being fanned out: its frame, publish time, namespace, channel, and
     # which client types have had their sample.
     _frame: str | None = None
@@ -93,7 +95,7 @@ class DeliveryProbe:
         ts = self._ts
         if ts is not None:
             micros = int(time.time() * 1_000_000) - ts * 1000
-            self._sample("delivery", label.org, self._namespace, label.client_type, micros)
+            self._sample((label.org, "delivery", self._namespace, label.client_type), micros)
 
     def redelivered(self, frame: str, label: Label) -> None:
         channel = frame_channel(frame)
@@ -106,24 +108,24 @@ class DeliveryProbe:
         self.counts[(org, "dead_lettered", channel.partition(":")[0])] += 1
 
     def rtt(self, label: Label, seconds: float) -> None:
-        self._sample("rtt", label.org, "", label.client_type, int(seconds * 1_000_000))
+        self._sample((label.org, "rtt", "", label.client_type), int(seconds * 1_000_000))
 
     def http(self, route: str, method: str, seconds: float) -> None:
-        self._sample("http", PLATFORM, route, method, int(seconds * 1_000_000))
+        self._sample((PLATFORM, "http", route, method), int(seconds * 1_000_000))
 
     def round_trip(self, metric: str, seconds: float) -> None:
-        self._sample(metric, PLATFORM, "", "", int(seconds * 1_000_000))
+        self._sample((PLATFORM, metric, "", ""), int(seconds * 1_000_000))
 
     def published(self, org: str, channel: str, n: int = 1) -> None:
         self.counts[(org, "published", channel.partition(":")[0])] += n
         self.counts[(org, "channel_in", channel)] += n
 
-    def take(self) -> tuple[list[Sample], Counts]:
+    def take(self) -> tuple[Tallies, Counts]:
         """Hand over what was recorded since the last call."""
         self._flush()
-        samples, self.samples = self.samples, []
+        tallies, self.tallies = self.tallies, {}
         counts, self.counts = self.counts, defaultdict(int)
-        return samples, counts
+        return tallies, counts
 
     def _switch(self, frame: str, label: Label) -> None:
         self._flush()
@@ -140,8 +142,8 @@ class DeliveryProbe:
             self.counts[(self._org, "channel_out", self._channel)] += self._n
             self._n = 0
 
-    def _sample(self, metric: str, org: str, d1: str, d2: str, micros: int) -> None:
-        if len(self.samples) >= _MAX_SAMPLES:
-            self.dropped += 1
-            return
-        self.samples.append((metric, org, d1, d2, max(0, micros)))
+    def _sample(self, key: HKey, micros: int) -> None:
+        tally = self.tallies.get(key)
+        if tally is None:
+            tally = self.tallies[key] = Tally()
+        tally.add(micros if micros > 0 else 0)

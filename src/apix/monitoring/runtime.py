@@ -60,7 +60,6 @@ return 0
 """
 
 
-_SAMPLES_PER_SLICE = 500  # about 1 ms of work between two turns of the loop
 _HTTP_LABEL_SETS = 4096  # Prometheus children kept at hand by (method, route, status)
 
 
@@ -141,23 +140,12 @@ class MonitoringRuntime:
         """Fold the probe's batch into this node's slots and write them to Redis."""
         async with self._push_lock:
             now = time.time()
-            samples, counts = self.probe.take()
-            self.slots.add((), counts, now)
-            self.metrics.observe([], counts)
-            # Samples pile up between pushes (2,500 a second at 40,000 deliveries a second):
-            # folded in one go they held the loop for tens of milliseconds every push, the
-            # delivery tail. A slice at a time, the loop delivers in between.
-            folded = 0
-            try:
-                while folded < len(samples):
-                    if folded:
-                        await asyncio.sleep(0)
-                    chunk = samples[folded : folded + _SAMPLES_PER_SLICE]
-                    self.slots.add(chunk, {}, now)
-                    self.metrics.observe(chunk, {})
-                    folded += len(chunk)
-            finally:  # stopped midway: what is left waits for the next push
-                self.probe.samples[:0] = samples[folded:]
+            # Tallies, counted by bucket as the samples came: folding them costs a call per
+            # bucket, not per sample (at 60,000 deliveries a second, folding 19,000 samples
+            # one by one held the loop for about 70 ms every push: the delivery tail).
+            tallies, counts = self.probe.take()
+            self.slots.add(tallies, counts, now)
+            self.metrics.observe(tallies, counts)
             gauges, connections, subscriptions = self._gauges()
             await self.slots.push(self.redis, now, gauges)
             async with self.redis.pipeline(transaction=False) as pipe:

@@ -12,7 +12,7 @@ whole cluster. Platform-wide figures are kept under the organisation `*`.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,13 +20,12 @@ from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 from redis.asyncio import Redis
 
 from apix.monitoring import histograms
-from apix.monitoring.probe import PLATFORM, Counts, Sample
+from apix.monitoring.probe import PLATFORM, Counts, HKey, Tallies
 
 _TTL_S = {10: 7 * 60, 60: 62 * 60}
 ORGS_KEY = "apix:mon:orgs"  # sorted set: organisation → last push (ms)
 NODES_KEY = "apix:mon:nodes"  # sorted set: node process → last push (ms)
 
-HKey = tuple[str, str, str, str]  # (organisation, metric, d1, d2)
 CKey = tuple[str, str, str]  # (organisation, counter, dimension)
 # Gauges (connections, subscriptions) are a node's value at push time, not summed over time.
 GAUGE = "g:"
@@ -42,14 +41,6 @@ def count_key(org: str, resolution: int, slot: int) -> str:
 
 def node_key(node: str) -> str:
     return f"apix:mon:node:{node}"
-
-
-def group(samples: Iterable[Sample]) -> dict[HKey, list[int]]:
-    """Samples by (organisation, metric, d1, d2): their values, in order."""
-    grouped: dict[HKey, list[int]] = defaultdict(list)
-    for metric, org, d1, d2, micros in samples:
-        grouped[(org, metric, d1, d2)].append(micros)
-    return grouped
 
 
 def slot_of(now: float, resolution: int) -> int:
@@ -73,14 +64,14 @@ class NodeSlots:
         self._slots: dict[int, _Slot] = {}
         self._dirty: set[int] = set()
 
-    def add(self, samples: Iterable[Sample], counts: Counts, now: float) -> None:
+    def add(self, tallies: Tallies, counts: Counts, now: float) -> None:
         slot_id = slot_of(now, 10)
         slot = self._slots.setdefault(slot_id, _Slot())
-        for key, values in group(samples).items():
+        for key, tally in tallies.items():
             histogram = slot.hists.get(key)
             if histogram is None:
                 histogram = slot.hists[key] = histograms.new()
-            histograms.record_many(histogram, values)
+            tally.record_into(histogram)
         for ckey, n in counts.items():
             slot.counts[ckey] += n
         self._dirty.add(slot_id)

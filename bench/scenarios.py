@@ -25,6 +25,13 @@ from bench.procs import CpuWindow, HarnessError, Proc, rss_bytes
 from bench.targets import Apix, Target, server_processes
 
 PAD = 32  # bytes of padding in each event's data (~128-byte events on the baselines)
+# Before a series' first measured rate, the publisher runs at that rate unmeasured for this
+# long (at least WARMUP_EVENTS events, at most WARMUP_MAX_S): the first events a fresh
+# server and generator see are slow on both sides (cold code paths, first writes to every
+# socket), and would otherwise decide the first rate's tail.
+WARMUP_S = 2.0
+WARMUP_EVENTS = 10
+WARMUP_MAX_S = 10.0
 
 
 def log(message: str) -> None:
@@ -346,6 +353,22 @@ def _fanout_series(
             series["open"] = subs.open(timeout=max(120, subscribers / 50))
             if series["open"]["ok"] < subscribers:
                 log(f"  {target.key}: only {series['open']['ok']}/{subscribers} subscribed")
+            time.sleep(1.0)
+            warmup_s = min(WARMUP_MAX_S, max(WARMUP_S, WARMUP_EVENTS / rates[0]))
+            log(f"  {target.key:<10} warm-up: {warmup_s:g} s at {rates[0]}/s, not counted")
+            warm = measure_publish(
+                ctx,
+                target,
+                subs,
+                rate=rates[0],
+                duration_s=warmup_s,
+                channel_prefix=prefix,
+                channel_count=channels,
+                publisher_connections=publisher_connections,
+            )
+            series["warmup"] = {
+                k: warm[k] for k in ("rate", "duration_s", "delivered", "lost", "latency")
+            }
             time.sleep(1.0)
             for rate in rates:
                 point = measure_publish(

@@ -118,6 +118,26 @@ function noteError(msg) {
 
 const BR = Buffer.from('"br":');
 const BT = Buffer.from('"bt":');
+const BS = Buffer.from('"bs":');
+
+// With BENCH_TIMELINE=<dir>, each event's earliest and latest arrival in this process
+// (by its sequence number) are kept and written there at the report: `python -m
+// bench.timeline <dir>` shows when in a run the late events were (stalls, warm-up).
+const TIMELINE = process.env.BENCH_TIMELINE;
+const timeline = new Map(); // seq → [min µs, max µs, deliveries, intended send time]
+
+function noteTimeline(buf, from, latency, sent) {
+  const s = buf.indexOf(BS, from);
+  if (s < 0) return;
+  const seq = readInt(buf, s + 5);
+  const e = timeline.get(seq);
+  if (e === undefined) timeline.set(seq, [latency, latency, 1, sent]);
+  else {
+    if (latency < e[0]) e[0] = latency;
+    if (latency > e[1]) e[1] = latency;
+    e[2]++;
+  }
+}
 
 function readInt(buf, at) {
   let v = 0;
@@ -139,7 +159,9 @@ function onEvent(buf) {
   const t = buf.indexOf(BT, r);
   if (t < 0) return;
   const sent = readInt(buf, t + 5);
-  sub.hist.record(nowUs() - sent);
+  const latency = nowUs() - sent;
+  sub.hist.record(latency);
+  if (TIMELINE) noteTimeline(buf, r, latency, sent);
   sub.received++;
   sub.bytes += buf.length;
   sub.lastUs = nowUs();
@@ -423,6 +445,11 @@ function handle(msg) {
       out({ event: 'count', received: sub.received });
       break;
     case 'report':
+      if (TIMELINE) {
+        const file = `${TIMELINE}/run-${sub.run}-${process.pid}.json`;
+        require('fs').writeFileSync(file, JSON.stringify([...timeline.entries()]));
+        timeline.clear();
+      }
       out({
         event: 'report', run: sub.run, received: sub.received, bytes: sub.bytes,
         stray: sub.stray, closed_early: sub.closedEarly, open: sockets.size,

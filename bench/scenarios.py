@@ -317,6 +317,33 @@ def _held_once(ctx: Context, n: int, key: str, suffix: str) -> dict[str, Any]:
     return row
 
 
+def _warm_up(
+    ctx: Context,
+    target: Target,
+    subs: loadgen.Subscribers,
+    rate: float,
+    prefix: str,
+    channels: int,
+    publisher_connections: int,
+) -> dict[str, Any]:
+    """Publish at ``rate`` unmeasured (`WARMUP_S`): what the first rate is measured after."""
+    warmup_s = min(WARMUP_MAX_S, max(WARMUP_S, WARMUP_EVENTS / rate))
+    log(f"  {target.key:<10} warm-up: {warmup_s:g} s at {rate}/s, not counted")
+    warm = measure_publish(
+        ctx,
+        target,
+        subs,
+        rate=rate,
+        duration_s=warmup_s,
+        channel_prefix=prefix,
+        channel_count=channels,
+        publisher_connections=publisher_connections,
+    )
+    if warm["saturated"] or warm["lost"]:
+        log(f"  {target.key:<10} the warm-up did not keep up: the first rate may start behind")
+    return {k: warm[k] for k in ("rate", "duration_s", "delivered", "lost", "saturated", "latency")}
+
+
 def _fanout_series(
     ctx: Context,
     target: Target,
@@ -354,22 +381,11 @@ def _fanout_series(
             if series["open"]["ok"] < subscribers:
                 log(f"  {target.key}: only {series['open']['ok']}/{subscribers} subscribed")
             time.sleep(1.0)
-            warmup_s = min(WARMUP_MAX_S, max(WARMUP_S, WARMUP_EVENTS / rates[0]))
-            log(f"  {target.key:<10} warm-up: {warmup_s:g} s at {rates[0]}/s, not counted")
-            warm = measure_publish(
-                ctx,
-                target,
-                subs,
-                rate=rates[0],
-                duration_s=warmup_s,
-                channel_prefix=prefix,
-                channel_count=channels,
-                publisher_connections=publisher_connections,
-            )
-            series["warmup"] = {
-                k: warm[k] for k in ("rate", "duration_s", "delivered", "lost", "latency")
-            }
-            time.sleep(1.0)
+            if rates and rates[0] > 0:
+                series["warmup"] = _warm_up(
+                    ctx, target, subs, rates[0], prefix, channels, publisher_connections
+                )
+                time.sleep(1.0)
             for rate in rates:
                 point = measure_publish(
                     ctx,

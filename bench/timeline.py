@@ -76,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     runs = load(args.directory)
     for run, events in sorted(runs.items()):
-        if args.run is None or run == args.run:
+        if events and (args.run is None or run == args.run):
             print(f"run {run}: " + "\n".join(describe(events, args.late_ms)))
 
 

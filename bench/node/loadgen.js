@@ -125,6 +125,7 @@ const BS = Buffer.from('"bs":');
 // bench.timeline <dir>` shows when in a run the late events were (stalls, warm-up).
 const TIMELINE = process.env.BENCH_TIMELINE;
 const timeline = new Map(); // seq → [min µs, max µs, deliveries, intended send time]
+if (TIMELINE) require('fs').mkdirSync(TIMELINE, { recursive: true });
 
 function noteTimeline(buf, from, latency, sent) {
   const s = buf.indexOf(BS, from);
@@ -431,6 +432,7 @@ function handle(msg) {
       openAll();
       break;
     case 'reset':
+      timeline.clear();
       sub.run = msg.run;
       sub.received = 0;
       sub.bytes = 0;
@@ -447,7 +449,11 @@ function handle(msg) {
     case 'report':
       if (TIMELINE) {
         const file = `${TIMELINE}/run-${sub.run}-${process.pid}.json`;
-        require('fs').writeFileSync(file, JSON.stringify([...timeline.entries()]));
+        try {
+          require('fs').writeFileSync(file, JSON.stringify([...timeline.entries()]));
+        } catch (err) {
+          noteError(`timeline: ${err.message}`);
+        }
         timeline.clear();
       }
       out({

@@ -57,8 +57,11 @@ BULK_VALUES = st.lists(
 
 
 @settings(max_examples=200, deadline=None)
-@given(values=BULK_VALUES)
-def test_a_tally_gives_the_histogram_of_recording_one_by_one(values: list[int]) -> None:
+@given(values=BULK_VALUES, below_zero=st.lists(st.integers(max_value=-1), max_size=3))
+def test_a_tally_gives_the_histogram_of_recording_one_by_one(
+    values: list[int], below_zero: list[int]
+) -> None:
+    values = [*below_zero, *values]  # counted as 0, as `record` does
     one_by_one, bulk = _of(values), histograms.new()
     histograms.Tally.of(values).record_into(bulk)
     assert list(bulk.counts) == list(one_by_one.counts)

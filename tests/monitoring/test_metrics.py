@@ -140,6 +140,27 @@ async def test_metrics_parse_and_count_what_happened(
         assert value("apix_db_pool_connections", "apix_db_pool_connections", state="size") >= 1
 
 
+async def test_unusual_methods_share_one_label_set(client: httpx.AsyncClient) -> None:
+    """A client chooses the method: each new one must not become label sets of its own."""
+    for method in ("BREW", "PROPFIND", "X-ANYTHING"):
+        response = await client.request(method, "/api/v1/nowhere")
+        assert response.status_code in (404, 405)
+    await client.get("/api/v1/nowhere")
+    families = await _scrape(client)
+    methods = {
+        s.labels["method"]
+        for s in families["apix_http_requests"].samples
+        if s.labels.get("route") == "unmatched"
+    }
+    assert methods == {"OTHER", "GET"}
+    others = sum(
+        s.value
+        for s in families["apix_http_requests"].samples
+        if s.name == "apix_http_requests_total" and s.labels.get("method") == "OTHER"
+    )
+    assert others == 3
+
+
 def _gauge(families: dict[str, Any], name: str, **labels: str) -> float:
     return sum(
         s.value

@@ -99,7 +99,10 @@ class Tally:
         return tally
 
     def add(self, micros: int) -> None:
-        """Count a latency of ``micros`` (≥ 0; the HDR histogram caps it at `HIGHEST_US`)."""
+        """Count a latency of ``micros`` (below 0 counts as 0; the HDR histogram caps it at
+        `HIGHEST_US`, as `record` does)."""
+        if micros < 0:
+            micros = 0
         value = micros if micros < HIGHEST_US else HIGHEST_US
         shift = (value | _MASK).bit_length() - _CUT
         lowest = value >> shift << shift

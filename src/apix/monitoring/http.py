@@ -2,7 +2,8 @@
 
 The route is the matched template (`/api/v1/apix/channels/{channel}/events`), read from the
 scope once routing is done, so label sets stay bounded; requests no route took (unknown
-paths, and bodies refused as too large before routing) count as `unmatched`. The time goes
+paths, and bodies refused as too large before routing) count as `unmatched`, and methods
+outside the usual seven as `OTHER`. The time goes
 to the node's histograms and to Prometheus.
 """
 
@@ -14,6 +15,8 @@ from starlette.types import Scope
 from apix.core.middleware import OnResponse
 
 UNMATCHED = "unmatched"
+# Methods a label may name; any other counts as OTHER, so clients cannot add label sets.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def latency_observer(state: State) -> OnResponse:
@@ -24,6 +27,7 @@ def latency_observer(state: State) -> OnResponse:
         if runtime is None:
             return
         template = getattr(scope.get("route"), "path", None) or UNMATCHED
-        runtime.http_request(template, scope["method"], status, seconds)
+        method = scope["method"]
+        runtime.http_request(template, method if method in METHODS else "OTHER", status, seconds)
 
     return observe

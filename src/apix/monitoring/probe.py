@@ -146,4 +146,4 @@ class DeliveryProbe:
         tally = self.tallies.get(key)
         if tally is None:
             tally = self.tallies[key] = Tally()
-        tally.add(micros if micros > 0 else 0)
+        tally.add(micros)

@@ -141,8 +141,9 @@ class MonitoringRuntime:
         async with self._push_lock:
             now = time.time()
             # Tallies, counted by bucket as the samples came: folding them costs a call per
-            # bucket, not per sample (at 60,000 deliveries a second, folding 19,000 samples
-            # one by one held the loop for about 70 ms every push: the delivery tail).
+            # bucket, not per sample. At 60,000 deliveries a second a push used to fold
+            # 19,000 samples one at a time (in slices, the loop free in between): about
+            # 70 ms of the loop's CPU every 5 s, which the events due meanwhile waited out.
             tallies, counts = self.probe.take()
             self.slots.add(tallies, counts, now)
             self.metrics.observe(tallies, counts)

@@ -224,7 +224,8 @@ def _document(results: dict[str, Any], path: Path, charts: dict[str, str]) -> st
         parts += [
             "",
             f"> Re-run into this file at {update['at']} (`--update`{source}): "
-            f"{', '.join(update['scenarios'])} for {', '.join(update['targets'])}.",
+            f"{', '.join(update['scenarios'])} for {', '.join(update['targets'])}."
+            + (f" {update['note']}" if update.get("note") else ""),
         ]
     if results.get("interrupted"):
         parts += ["", "> **The run was interrupted; some scenarios are missing.**"]

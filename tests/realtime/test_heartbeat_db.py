@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -122,3 +122,29 @@ async def test_pongs_within_the_window_leave_the_row_alone_and_the_disconnect_is
         await asyncio.sleep(0.02)
     await asyncio.wait_for(asyncio.shield(connection.finishing), 5)
     assert await row() == (last, "DISCONNECTED")
+
+
+async def test_a_flush_waits_for_the_one_already_writing(
+    client: httpx.AsyncClient, live: LiveServer, runtime: IdentityRuntime
+) -> None:
+    """`flush` returns once what was marked before it is in PostgreSQL, even when another
+    flush (the loop's) had taken it and was still writing: it used to return at once, with
+    nothing left to write, and a read just after could see the row as it was."""
+    admin = await new_org_admin(client)
+    async with raw_socket(live.ws) as raw:
+        hello = await raw.connect(admin.access_token)
+        registry = live.app.state.gateway.registry
+        record = live.app.state.gateway.connections[hello["connection_id"]].record
+        await registry.flush()
+        for _ in range(5):
+            record.last_heartbeat_at = datetime.now(UTC)
+            registry.show_live(record)
+            writing = asyncio.create_task(registry.flush())
+            await asyncio.sleep(0)  # it has taken the record and is writing
+            await registry.flush()
+            async with runtime.database.transaction(uuid.UUID(admin.org_id)) as uow:
+                written = await uow.session.scalar(
+                    select(ApixConnection.last_heartbeat_at).where(ApixConnection.id == record.id)
+                )
+            await writing
+            assert written == record.last_heartbeat_at

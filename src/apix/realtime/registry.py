@@ -198,6 +198,9 @@ class Registry:
         self._dirty: dict[str, ConnectionRecord] = {}
         self._channels: dict[tuple[uuid.UUID, str], str] = {}  # (org, name) → namespace
         self._refreshed_at = 0.0
+        # One flush at a time: a flush returns once what was marked before it is written,
+        # even when the loop's own flush had taken it and was still writing.
+        self._flushing = asyncio.Lock()
         self._loop = Periodic("apix-registry", min(flush_s, _NODE_TTL_S / 3), self._tick)
 
     async def start(self) -> None:
@@ -310,6 +313,11 @@ class Registry:
             self._refreshed_at = now.timestamp()
 
     async def flush(self) -> None:
+        """Write every record and channel marked so far to PostgreSQL."""
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         dirty, self._dirty = self._dirty, {}
         channels, self._channels = self._channels, {}
         by_org: dict[uuid.UUID, list[ConnectionRecord]] = defaultdict(list)

@@ -9,6 +9,7 @@ Every name is listed in docs/operations.md.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -30,6 +31,14 @@ if TYPE_CHECKING:
 _LE = [*map(floatToGoString, PROMETHEUS_BOUNDS_S), "+Inf"]
 
 
+class _Series:
+    __slots__ = ("counts", "sum_us")
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(_LE)  # per bucket, not cumulative
+        self.sum_us = 0
+
+
 class Latencies:
     """A Prometheus histogram with labels, fed whole tallies: what `Histogram.observe` of
     every value would show, at one addition per bucket instead of a locked call per value."""
@@ -38,25 +47,20 @@ class Latencies:
         self.name = name
         self.documentation = documentation
         self.labels = labels
-        self._series: dict[tuple[str, ...], tuple[list[int], list[int]]] = {}  # counts, [sum]
+        self._series: dict[tuple[str, ...], _Series] = {}
 
     def add(self, labels: tuple[str, ...], tally: Tally) -> None:
         series = self._series.get(labels)
         if series is None:
-            series = self._series[labels] = ([0] * len(_LE), [0])
-        counts, total = series
-        for i, n in enumerate(tally.prometheus):
-            counts[i] += n
-        total[0] += tally.sum_us
+            series = self._series[labels] = _Series()
+        series.counts = [a + b for a, b in zip(series.counts, tally.prometheus, strict=True)]
+        series.sum_us += tally.sum_us
 
     def family(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
-        for labels, (counts, total) in self._series.items():
-            cumulative, buckets = 0, []
-            for le, n in zip(_LE, counts, strict=True):
-                cumulative += n
-                buckets.append((le, cumulative))
-            family.add_metric(list(labels), buckets, sum_value=total[0] / 1_000_000)
+        for labels, series in self._series.items():
+            buckets = list(zip(_LE, accumulate(series.counts), strict=True))
+            family.add_metric(list(labels), buckets, sum_value=series.sum_us / 1_000_000)
         return family
 
 

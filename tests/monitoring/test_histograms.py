@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
 from typing import Any
 
@@ -10,6 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from apix.monitoring import histograms, store
 from apix.monitoring.histograms import Window
@@ -194,5 +199,80 @@ async def test_two_nodes_pushing_to_redis_merge_into_the_histogram_of_the_union(
         minute = await store.read_hists(redis, ["org-1"], 60, [store.slot_of(now, 60)])
         merged = histograms.merged(histograms.decode(p) for _, p in minute["org-1"][0])
         assert merged.get_total_count() == len(a) + len(b)
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.parametrize("how", ["refused", "cancelled"])
+async def test_a_slot_whose_push_did_not_finish_is_written_by_the_next_push(
+    servers: Servers, how: str
+) -> None:
+    heard = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)  # takes the pipeline's commands and never answers
+        heard.set()
+        await reader.read()
+        writer.close()
+
+    silent_server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    if how == "refused":
+        with socket.socket() as probe:  # a port nothing listens on
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+    else:
+        port = silent_server.sockets[0].getsockname()[1]
+    down = Redis(host="127.0.0.1", port=port, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    redis = Redis.from_url(servers.redis_url)
+    try:
+        await redis.flushdb()
+        now = time.time() // 60 * 60 + 55  # ten seconds on is the next minute
+        slots = store.NodeSlots("node-a")
+        key = ("org-1", "delivery", "room", "WEB_APP")
+        slots.add({key: histograms.Tally.of([1000, 2000, 3000])}, {}, now)
+        if how == "refused":
+            with pytest.raises(RedisConnectionError):
+                await slots.push(down, now, {})
+        else:
+            pushing = asyncio.create_task(slots.push(down, now, {}))
+            await asyncio.wait_for(heard.wait(), 5)
+            pushing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await pushing
+        # The next minute, nothing new: the next push still owes the slot and its minute.
+        await slots.push(redis, now + 10, {})
+        for resolution in (10, 60):
+            found = await store.read_hists(
+                redis, ["org-1"], resolution, [store.slot_of(now, resolution)]
+            )
+            (entries,) = found["org-1"]
+            merged = histograms.merged(histograms.decode(p) for _, p in entries)
+            assert merged.get_total_count() == 3
+    finally:
+        await down.aclose()
+        await redis.aclose()
+        silent_server.close()
+
+
+async def test_a_push_does_not_write_again_what_redis_has_expired(servers: Servers) -> None:
+    # Slots left over from a long outage: Redis keeps 10-second slots 7 minutes and
+    # minutes 62, so a push writes only what Redis would still hold.
+    redis = Redis.from_url(servers.redis_url)
+    try:
+        await redis.flushdb()
+        now = time.time()
+        slots = store.NodeSlots("node-a")
+        key = ("org-1", "delivery", "room", "WEB_APP")
+        for ago in (0, 600, 4000):
+            slots.add({key: histograms.Tally.of([1000 + ago])}, {}, now - ago)
+        await slots.push(redis, now, {})
+
+        async def count(resolution: int, ago: int) -> int:
+            slot = store.slot_of(now - ago, resolution)
+            (entries,) = (await store.read_hists(redis, ["org-1"], resolution, [slot]))["org-1"]
+            return sum(histograms.decode(p).get_total_count() for _, p in entries)
+
+        assert [await count(10, ago) for ago in (0, 600, 4000)] == [1, 0, 0]
+        assert [await count(60, ago) for ago in (0, 600, 4000)] == [1, 1, 0]
     finally:
         await redis.aclose()

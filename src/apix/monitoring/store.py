@@ -79,27 +79,43 @@ class NodeSlots:
     async def push(self, redis: Redis, now: float, gauges: dict[CKey, int]) -> None:
         """Write every changed slot (10 s and its minute), with the gauges, to Redis."""
         current = slot_of(now, 10)
-        dirty = self._dirty | {current}
+        # Slots that change while this one writes are marked for the next push; a write
+        # that fails or is cancelled leaves its slots marked too (each write sets whole
+        # values, so writing a slot again is harmless). What Redis would have expired by
+        # now is not written again, and not kept: a long outage costs no more than an hour.
+        expired = current - _TTL_S[60] // 10
+        for slot_id in [i for i in self._slots if i <= expired]:
+            del self._slots[slot_id]
+        dirty = {i for i in self._dirty if i > expired} | {current}
         self._dirty = set()
-        now_ms = int(now * 1000)
-        orgs: set[str] = set()
-        async with redis.pipeline(transaction=False) as pipe:
-            for slot_id in sorted(dirty):
-                slot = self._slots.get(slot_id, _Slot())
-                minute = slot_id * 10 // 60
-                in_minute = [s for i, s in self._slots.items() if i * 10 // 60 == minute] or [slot]
-                extra = gauges if slot_id == current else {}
-                orgs |= self._write(pipe, 10, slot_id, [slot], extra)
-                orgs |= self._write(pipe, 60, minute, in_minute, extra)
-            if orgs:
-                pipe.zadd(ORGS_KEY, dict.fromkeys(orgs, now_ms))
-            pipe.zadd(NODES_KEY, {self.node: now_ms})
-            pipe.zremrangebyscore(NODES_KEY, "-inf", now_ms - _TTL_S[60] * 1000)
-            pipe.zremrangebyscore(ORGS_KEY, "-inf", now_ms - _TTL_S[60] * 1000)
-            await pipe.execute()
+        try:
+            async with redis.pipeline(transaction=False) as pipe:
+                self._queue(pipe, dirty, current, gauges, int(now * 1000))
+                await pipe.execute()
+        except BaseException:
+            self._dirty |= dirty
+            raise
         minute_now = current * 10 // 60
         for slot_id in [i for i in self._slots if i * 10 // 60 < minute_now]:
             del self._slots[slot_id]
+
+    def _queue(
+        self, pipe: Any, slot_ids: set[int], current: int, gauges: dict[CKey, int], now_ms: int
+    ) -> None:
+        """Each changed 10-second slot still kept in Redis, and each of their minutes, once."""
+        orgs: set[str] = set()
+        for slot_id in sorted(i for i in slot_ids if i > current - _TTL_S[10] // 10):
+            slot = self._slots.get(slot_id, _Slot())
+            orgs |= self._write(pipe, 10, slot_id, [slot], gauges if slot_id == current else {})
+        minute_now = current * 10 // 60
+        for minute in sorted({i * 10 // 60 for i in slot_ids}):
+            in_minute = [s for i, s in self._slots.items() if i * 10 // 60 == minute] or [_Slot()]
+            orgs |= self._write(pipe, 60, minute, in_minute, gauges if minute == minute_now else {})
+        if orgs:
+            pipe.zadd(ORGS_KEY, dict.fromkeys(orgs, now_ms))
+        pipe.zadd(NODES_KEY, {self.node: now_ms})
+        pipe.zremrangebyscore(NODES_KEY, "-inf", now_ms - _TTL_S[60] * 1000)
+        pipe.zremrangebyscore(ORGS_KEY, "-inf", now_ms - _TTL_S[60] * 1000)
 
     def _write(
         self,

@@ -202,6 +202,9 @@ def _update(args: argparse.Namespace, path: Path, targets: list[str], scenarios:
         ctx.save = lambda: path.write_text(json.dumps(results, indent=1))
         ctx.run_counter = 10_000  # run ids distinct from the original run's
         log(f"updating {path}: {', '.join(scenarios)} for {', '.join(targets)}")
+        client, owns = loadgen.client(), report.generator_client(results)
+        if client != owns:
+            log(f"  the generator's client: {client}; the file's own run had {owns}")
         signal.signal(signal.SIGALRM, _timeout)
         signal.alarm(int(args.max_minutes * 60))
         try:
@@ -220,6 +223,7 @@ def _update(args: argparse.Namespace, path: Path, targets: list[str], scenarios:
                     "scenarios": scenarios,
                     "targets": targets,
                     "source": _git_state(),
+                    "client": client,
                 }
             )
             ctx.save()

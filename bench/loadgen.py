@@ -53,7 +53,7 @@ def ws_version() -> str:
 def client() -> str:
     """The generator's WebSocket client (loadgen.js reads the same variable)."""
     if os.environ.get("BENCH_CLIENT") == "ws":
-        return f"ws {ws_version()} (BENCH_CLIENT=ws)"
+        return f"ws {ws_version()}"
     return "bench/node/rawws.js"
 
 

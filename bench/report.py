@@ -29,6 +29,14 @@ COLORS = {
 }
 
 
+def generator_client(results: dict[str, Any]) -> str:
+    """The load generator's WebSocket client in a results file's own run (`ws`' before
+    bench/node/rawws.js)."""
+    versions = results.get("versions", {})
+    fallback = f"ws {versions.get('ws (npm)', '?')}"
+    return str(versions.get("load generator's client", fallback))
+
+
 def render(result_path: Path, docs: Path) -> Path:
     results = json.loads(result_path.read_text())
     charts = _charts(results, docs)
@@ -219,8 +227,11 @@ def _document(results: dict[str, Any], path: Path, charts: dict[str, str]) -> st
         parts.append(f"> Full profile. Load average when the run started: {load}.")
     if results.get("note"):
         parts += ["", f"> {results['note']}"]
+    own_client = generator_client(results)
     for update in results.get("updates", []):
         source = f", APIX source {update['source']}" if update.get("source") else ""
+        if update.get("client", own_client) != own_client:
+            source += f", the generator's client {update['client']}"
         parts += [
             "",
             f"> Re-run into this file at {update['at']} (`--update`{source}): "

@@ -177,9 +177,11 @@ function subscriber(i, globalIndex) {
     const channel = channelFor(globalIndex);
     const ws = openSocket(i);
     let settled = false;
+    let subscribed = false;
     const done = (ok, why) => {
       if (settled) return;
       settled = true;
+      subscribed = ok;
       clearTimeout(timer);
       if (!ok) { noteError(why); try { ws.terminate(); } catch (e) { /* ignore */ } }
       else sub.byChannel[channel] = (sub.byChannel[channel] || 0) + 1;
@@ -191,7 +193,7 @@ function subscriber(i, globalIndex) {
     ws.on('close', (code) => {
       sockets.delete(ws);
       if (!settled) done(false, `closed ${code} before subscribed`);
-      else if (!quitting) { sub.closedEarly++; noteError(`closed ${code}`); }
+      else if (subscribed && !quitting) { sub.closedEarly++; noteError(`closed ${code}`); }
     });
     if (DIALECT === 'apix') {
       ws.on('open', () => {

@@ -27,6 +27,12 @@ const MASK = crypto.randomBytes(4);
 const HEAD_END = Buffer.from('\r\n\r\n');
 const STATUS_101 = Buffer.from('HTTP/1.1 101');
 const MAX_HEAD = 16 * 1024;
+const CLOSE_WAIT_MS = 30000; // as `ws`: a closing connection whose server never ends it
+
+// A connection's states.
+const OPENING = 0; // upgrade request sent, answer not read yet
+const OPEN = 1;
+const CLOSING = 2; // a close frame read and answered; bytes after it are ignored
 
 const requests = new Map(); // url -> { host, port, request bytes }
 
@@ -65,7 +71,7 @@ class RawWebSocket extends EventEmitter {
   constructor(url, options) {
     super();
     const t = target(url);
-    this.open = false;
+    this.state = OPENING;
     this.closed = false;
     this.buf = null; // bytes not yet parsed (the upgrade answer, then frames)
     this.fragments = null; // a fragmented message's parts so far
@@ -73,32 +79,43 @@ class RawWebSocket extends EventEmitter {
     const socket = net.connect({ host: t.host, port: t.port, localAddress: options.localAddress });
     this.socket = socket;
     socket.setNoDelay(true);
+    this.timer = options.handshakeTimeout
+      ? setTimeout(() => this.fail(new Error('Opening handshake has timed out')), options.handshakeTimeout)
+      : null;
     socket.on('connect', () => socket.write(t.request));
     socket.on('data', (chunk) => this.received(chunk));
-    socket.on('error', (e) => { if (!this.closed) this.emit('error', e); });
-    socket.on('close', () => this.finish());
+    // As `ws`: a socket error while opening is the client's error; once open, the close
+    // (1006) that follows says it.
+    socket.on('error', (e) => { if (this.state === OPENING && !this.closed) this.fail(e); });
+    socket.on('close', () => {
+      if (this.state === OPENING && !this.closed) this.emit('error', new Error('socket hang up'));
+      this.finish();
+    });
   }
 
   send(text) {
-    if (!this.open) return;
+    if (this.state !== OPEN) return;
     this.socket.write(frame(1, Buffer.from(text)));
   }
 
   terminate() {
+    this.state = CLOSING;
     this.socket.destroy();
   }
 
   finish() {
     if (this.closed) return;
     this.closed = true;
-    this.open = false;
+    this.state = CLOSING;
+    if (this.timer !== null) clearTimeout(this.timer);
     this.emit('close', this.closeCode);
   }
 
   received(chunk) {
+    if (this.state === CLOSING) return;
     let data = this.buf === null ? chunk : Buffer.concat([this.buf, chunk]);
     this.buf = null;
-    if (!this.open) {
+    if (this.state === OPENING) {
       const end = data.indexOf(HEAD_END);
       if (end < 0) {
         if (data.length > MAX_HEAD) this.fail(new Error('upgrade answer too long'));
@@ -115,7 +132,9 @@ class RawWebSocket extends EventEmitter {
         this.fail(new Error('Invalid Sec-WebSocket-Accept header'));
         return;
       }
-      this.open = true;
+      this.state = OPEN;
+      clearTimeout(this.timer);
+      this.timer = null;
       this.emit('open');
       data = data.subarray(end + 4);
     }
@@ -126,9 +145,10 @@ class RawWebSocket extends EventEmitter {
   frames(data) {
     let at = 0;
     const total = data.length;
-    while (this.open && total - at >= 2) {
+    while (this.state === OPEN && total - at >= 2) {
       const b0 = data[at];
       const b1 = data[at + 1];
+      if (b0 & 0x70) { this.fail(new Error('reserved bits set: no extension was agreed')); return; }
       let size = b1 & 0x7f;
       let head = 2;
       if (size === 126) {
@@ -152,7 +172,7 @@ class RawWebSocket extends EventEmitter {
       at += head + size;
       this.frame(b0 & 0x80, b0 & 0x0f, payload);
     }
-    if (at < total && this.open) this.buf = data.subarray(at);
+    if (at < total && this.state === OPEN) this.buf = data.subarray(at);
   }
 
   frame(fin, opcode, payload) {
@@ -160,10 +180,13 @@ class RawWebSocket extends EventEmitter {
     if (opcode === 10) return;
     if (opcode === 8) {
       this.closeCode = payload.length >= 2 ? payload.readUInt16BE(0) : 1005;
+      this.state = CLOSING;
       this.socket.end(frame(8, payload.subarray(0, 2)));
-      this.open = false;
+      this.timer = setTimeout(() => this.socket.destroy(), CLOSE_WAIT_MS);
+      this.timer.unref();
       return;
     }
+    if (opcode > 2) { this.fail(new Error(`unknown opcode ${opcode}`)); return; }
     if (opcode !== 0) this.fragments = fin ? null : [payload];
     else if (this.fragments !== null) this.fragments.push(payload);
     else { this.fail(new Error('continuation frame without a start')); return; }
@@ -176,6 +199,8 @@ class RawWebSocket extends EventEmitter {
   }
 
   fail(err) {
+    if (this.closed || this.state === CLOSING) return;
+    this.state = CLOSING;
     this.emit('error', err);
     this.socket.destroy();
   }

@@ -224,6 +224,7 @@ def _update(args: argparse.Namespace, path: Path, targets: list[str], scenarios:
                     "targets": targets,
                     "source": _git_state(),
                     "client": client,
+                    "cpu": machine()["cpu"],
                 }
             )
             ctx.save()

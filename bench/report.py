@@ -232,6 +232,8 @@ def _document(results: dict[str, Any], path: Path, charts: dict[str, str]) -> st
         source = f", APIX source {update['source']}" if update.get("source") else ""
         if update.get("client", own_client) != own_client:
             source += f", the generator's client {update['client']}"
+        if update.get("cpu", machine["cpu"]) != machine["cpu"]:
+            source += f", on {update['cpu']}"
         parts += [
             "",
             f"> Re-run into this file at {update['at']} (`--update`{source}): "
